@@ -1,0 +1,611 @@
+"""From a folder on disk to DataLoaders: find items and labels, verify images, split, transform, load.
+
+Four layouts are detected (see `detect_layout`):
+  folders         root/<class>/*.jpg                     (Loupe makes the validation split)
+  split_folders   root/train/<class>, root/valid|val/<class>, optional root/test/<class>
+  filename_regex  root/great_pyrenees_173.jpg            (label = first group of `label_regex`)
+  csv             root/labels.csv with filename,label(s) (space-separated labels mean multi-label)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from core.env import default_num_workers
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+LAYOUTS = ("auto", "folders", "split_folders", "filename_regex", "csv")
+LAYOUT_NAMES = {
+    "folders": "one folder per class",
+    "split_folders": "train/valid folders, one subfolder per class",
+    "filename_regex": "labels in file names",
+    "csv": "labels in a CSV file",
+}
+VALID_DIR_NAMES = ("valid", "val", "validation")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Far above any photo (~89 Mpx), far below what a decompression bomb declares.
+DEFAULT_MAX_PIXELS = 89_478_485
+PETS_REGEX = r"^(.+)_\d+\.\w+$"
+
+
+class DataError(ValueError):
+    """A problem with the user's dataset, with a message meant for them."""
+
+
+@dataclass
+class DataConfig:
+    """Where the data is, how it is labelled and split, and how images become tensors."""
+
+    path: str = ""  # dataset root folder
+    layout: str = "auto"  # one of LAYOUTS; "auto" detects it
+    label_regex: str = PETS_REGEX  # filename_regex layout: the first group is the label
+    csv_file: str | None = None  # csv layout: CSV path (relative to `path`); None finds the one CSV in the root
+    csv_fname_col: str | None = None  # csv layout: column of file names (default: the first column)
+    csv_label_col: str | None = None  # csv layout: column of labels (default: the second column)
+    label_delim: str = " "  # csv layout: separator between several labels of one image
+    valid_pct: float = 0.2  # share of items held out for validation (ignored when the layout fixes the split)
+    seed: int = 42  # seed of the split and of the data order
+    stratify: bool = True  # keep each class's share the same in train and valid
+    group_regex: str | None = None  # items whose relative paths give the same match (or first group) stay together
+    group_col: str | None = None  # csv layout: column naming each item's group
+    size: int = 224  # square side, in pixels, of the images the model sees
+    batch_size: int = 64  # images per training step
+    min_scale: float = 0.35  # smallest share of the image a random resized crop keeps
+    flip: bool = True  # random horizontal flips
+    flip_vert: bool = False  # vertical flips and 90-degree turns too, for overhead imagery
+    max_rotate: float = 10.0  # random rotation up to this many degrees (0 turns it off)
+    max_lighting: float = 0.2  # random brightness and contrast change up to this share (0 turns it off)
+    num_workers: int | None = None  # DataLoader worker processes; None picks from the cores available
+    max_pixels: int = DEFAULT_MAX_PIXELS  # images declaring more pixels are refused as decompression bombs
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {self.layout!r}.")
+        if not 0.0 <= self.valid_pct < 1.0:
+            raise ValueError(f"valid_pct must be in [0, 1), not {self.valid_pct}.")
+        if self.size < 16:
+            raise ValueError(f"size must be at least 16 pixels, not {self.size}.")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {self.batch_size}.")
+        if not 0.0 < self.min_scale <= 1.0:
+            raise ValueError(f"min_scale must be in (0, 1], not {self.min_scale}.")
+        for name in ("label_regex", "group_regex"):
+            pattern = getattr(self, name)
+            if pattern:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise ValueError(f"{name} {pattern!r} is not a valid regular expression: {e}.") from None
+
+
+@dataclass
+class DataSource:
+    """The items of a dataset: one file and its label(s) each, before any split."""
+
+    root: Path
+    layout: str
+    files: list[Path]  # absolute paths
+    labels: list[tuple[str, ...]]  # one label each, or several for multi-label
+    vocab: list[str]  # sorted class names
+    multi_label: bool
+    fixed_split: list[str] | None = None  # "train" / "valid" / "test" per item when the layout says
+    groups: list[str] | None = None  # group key per item (CSV group column)
+    unlabelled: list[tuple[Path, str]] = field(default_factory=list)  # (file, why it has no label)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def describe(self) -> str:
+        kind = "multi-label, " if self.multi_label else ""
+        return f"{LAYOUT_NAMES[self.layout]} ({kind}{len(self.vocab)} classes, {len(self)} images)"
+
+    def class_counts(self) -> dict[str, int]:
+        counts = Counter(label for labels in self.labels for label in labels)
+        return {c: counts.get(c, 0) for c in self.vocab}
+
+    def without(self, drop: set[Path]) -> DataSource:
+        """The same source minus the files in `drop` (e.g. those `verify_images` found broken)."""
+        keep = [i for i, f in enumerate(self.files) if f not in drop]
+        pick = lambda xs: None if xs is None else [xs[i] for i in keep]  # noqa: E731
+        labels = pick(self.labels)
+        present = {label for ls in labels for label in ls}
+        return replace(
+            self,
+            files=pick(self.files),
+            labels=labels,
+            vocab=[c for c in self.vocab if c in present],
+            fixed_split=pick(self.fixed_split),
+            groups=pick(self.groups),
+        )
+
+    def targets(self) -> torch.Tensor:
+        """Class indices (single-label) or a multi-hot float matrix (multi-label)."""
+        index = {c: i for i, c in enumerate(self.vocab)}
+        if not self.multi_label:
+            return torch.tensor([index[ls[0]] for ls in self.labels], dtype=torch.long)
+        hot = torch.zeros(len(self), len(self.vocab))
+        for row, labels in enumerate(self.labels):
+            hot[row, [index[c] for c in labels]] = 1.0
+        return hot
+
+
+# ---------------------------------------------------------------- finding files
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def list_images(root: str | os.PathLike) -> list[Path]:
+    """Every image file under `root`, sorted; hidden files and folders skipped.
+
+    Symlinks are followed only where they resolve inside `root`, so a dataset cannot
+    pull in files from elsewhere on the machine, and link cycles are visited once.
+    """
+    root = Path(root).resolve()
+    found: list[Path] = []
+    seen_dirs: set[Path] = set()
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        if folder in seen_dirs:
+            continue
+        seen_dirs.add(folder)
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(folder, entry.name)
+            if entry.is_symlink():
+                target = path.resolve()
+                if not target.is_relative_to(root) or not target.exists():
+                    continue
+                if target.is_dir():
+                    stack.append(target)
+                elif is_image_file(path):
+                    found.append(path)
+            elif entry.is_dir(follow_symlinks=False):
+                stack.append(path)
+            elif is_image_file(path):
+                found.append(path)
+    return sorted(found)
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _find_csv(root: Path) -> Path | None:
+    csvs = [p for p in root.glob("*.csv") if not p.name.startswith(".")]
+    return csvs[0] if len(csvs) == 1 else None
+
+
+def detect_layout(cfg: DataConfig) -> str:
+    """Which of the four layouts `cfg.path` uses (or `cfg.layout` when it is not "auto")."""
+    root = Path(cfg.path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"Dataset folder {str(root)!r} does not exist or is not a folder.")
+    if cfg.layout != "auto":
+        return cfg.layout
+    if cfg.csv_file or _find_csv(root):
+        return "csv"
+    names = {d.name.lower() for d in _subdirs(root)}
+    if "train" in names and names & set(VALID_DIR_NAMES):
+        return "split_folders"
+    if any(is_image_file(p) for d in _subdirs(root) for p in d.rglob("*")):
+        return "folders"
+    if any(is_image_file(p) for p in root.iterdir()):
+        return "filename_regex"
+    raise DataError(f"No images found in {str(root)!r}: expected image files or one folder of images per class.")
+
+
+# ---------------------------------------------------------------- labelling
+
+
+def load_source(cfg: DataConfig) -> DataSource:
+    """Find every item of the dataset at `cfg.path` with its label(s)."""
+    layout = detect_layout(cfg)
+    root = Path(cfg.path).expanduser().resolve()
+    loader = {
+        "folders": _load_folders,
+        "split_folders": _load_split_folders,
+        "filename_regex": _load_filename_regex,
+        "csv": _load_csv,
+    }[layout]
+    source = loader(root, cfg)
+    if not source.files:
+        raise DataError(f"No labelled images found in {str(root)!r} ({LAYOUT_NAMES[layout]}).")
+    return source
+
+
+def _make_source(root: Path, layout: str, rows: list[tuple], **extra) -> DataSource:
+    files = [r[0] for r in rows]
+    labels = [r[1] for r in rows]
+    vocab = sorted({label for ls in labels for label in ls})
+    multi = any(len(ls) != 1 for ls in labels)
+    return DataSource(root, layout, files, labels, vocab, multi, **extra)
+
+
+def _load_folders(root: Path, cfg: DataConfig) -> DataSource:
+    # The first folder level names the class, so root/<class>/<any subfolders>/x.jpg all count.
+    rows = [(f, (f.relative_to(root).parts[0],)) for f in list_images(root) if len(f.relative_to(root).parts) > 1]
+    return _make_source(root, "folders", rows)
+
+
+def _load_split_folders(root: Path, cfg: DataConfig) -> DataSource:
+    split_of = {"train": "train", "test": "test", **{v: "valid" for v in VALID_DIR_NAMES}}
+    rows, splits = [], []
+    for folder in _subdirs(root):
+        split = split_of.get(folder.name.lower())
+        if split is None:
+            continue
+        for f in list_images(folder):
+            parts = f.relative_to(folder).parts
+            if len(parts) > 1:
+                rows.append((f, (parts[0],)))
+                splits.append(split)
+    return _make_source(root, "split_folders", rows, fixed_split=splits)
+
+
+def _load_filename_regex(root: Path, cfg: DataConfig) -> DataSource:
+    pattern = re.compile(cfg.label_regex)
+    rows, unlabelled = [], []
+    for f in list_images(root):
+        match = pattern.search(f.name)
+        if match:
+            rows.append((f, (match.group(1) if pattern.groups else match.group(0),)))
+        else:
+            unlabelled.append((f, f"file name does not match {cfg.label_regex!r}"))
+    return _make_source(root, "filename_regex", rows, unlabelled=unlabelled)
+
+
+def _load_csv(root: Path, cfg: DataConfig) -> DataSource:
+    csv_path = root / cfg.csv_file if cfg.csv_file else _find_csv(root)
+    if csv_path is None or not csv_path.is_file():
+        raise DataError(f"CSV file {str(csv_path)!r} not found.")
+    table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    if table.shape[1] < 2:
+        raise DataError(f"{csv_path.name} needs at least two columns: file name and label(s).")
+    fname_col = cfg.csv_fname_col or table.columns[0]
+    label_col = cfg.csv_label_col or table.columns[1]
+    for col in (fname_col, label_col, cfg.group_col):
+        if col and col not in table.columns:
+            raise DataError(f"{csv_path.name} has no column {col!r}; its columns are {list(table.columns)}.")
+    by_name = _index_files(csv_path.parent)
+    rows, unlabelled, groups, splits = [], [], [], []
+    for _, record in table.iterrows():
+        name = record[fname_col].strip()
+        path = by_name.get(name) or by_name.get(Path(name).as_posix())
+        labels = tuple(x for x in record[label_col].split(cfg.label_delim or None) if x)
+        if path is None:
+            unlabelled.append((csv_path.parent / name, "listed in the CSV but not found"))
+        elif not labels:
+            unlabelled.append((path, "no label in the CSV"))
+        else:
+            rows.append((path, labels))
+            groups.append(record[cfg.group_col] if cfg.group_col else None)
+            if "is_valid" in table.columns:  # fastai's convention for a fixed split
+                splits.append("valid" if record["is_valid"].strip().lower() in ("1", "true", "yes") else "train")
+    return _make_source(
+        root,
+        "csv",
+        rows,
+        groups=groups if cfg.group_col else None,
+        fixed_split=splits or None,
+        unlabelled=unlabelled,
+    )
+
+
+def _index_files(base: Path) -> dict[str, Path]:
+    """Map relative paths, with and without extension, to files; CSVs often omit the extension (Planet)."""
+    index: dict[str, Path] = {}
+    for f in list_images(base):
+        rel = f.relative_to(base).as_posix()
+        index[rel] = f
+        index.setdefault(rel.rsplit(".", 1)[0], f)
+        index.setdefault(f.name, f)
+        index.setdefault(f.stem, f)
+    return index
+
+
+# ---------------------------------------------------------------- splitting
+
+
+@dataclass
+class Split:
+    """Item indices of each side of a split."""
+
+    train: np.ndarray
+    valid: np.ndarray
+    test: np.ndarray = field(default_factory=lambda: np.array([], dtype=int))
+
+    def to_dict(self) -> dict[str, list[int]]:
+        return {k: v.tolist() for k, v in asdict(self).items()}
+
+
+def split_items(source: DataSource, cfg: DataConfig) -> Split:
+    """Split items into train and valid.
+
+    A split fixed by the layout wins. Otherwise `valid_pct` of the items go to valid, per class when
+    `stratify` is on (so small classes are still validated), and whole groups at a time when a group
+    key is set (so one photographer's photos never straddle train and valid).
+    """
+    if source.fixed_split is not None:
+        sides = np.array(source.fixed_split)
+        return Split(*(np.flatnonzero(sides == s) for s in ("train", "valid", "test")))
+    rng = np.random.default_rng(cfg.seed)
+    strata = [ls[0] if len(ls) == 1 else " ".join(sorted(ls)) for ls in source.labels]
+    groups = _group_keys(source, cfg)
+    if groups is not None:
+        valid = _group_split(groups, strata if cfg.stratify else None, cfg.valid_pct, rng)
+    elif cfg.stratify:
+        valid = _stratified_split(strata, cfg.valid_pct, rng)
+    else:
+        order = rng.permutation(len(source))
+        valid = order[: round(len(source) * cfg.valid_pct)]
+    is_valid = np.zeros(len(source), dtype=bool)
+    is_valid[valid] = True
+    return Split(np.flatnonzero(~is_valid), np.flatnonzero(is_valid))
+
+
+def _group_keys(source: DataSource, cfg: DataConfig) -> list[str] | None:
+    if source.groups is not None:
+        return source.groups
+    if not cfg.group_regex:
+        return None
+    pattern = re.compile(cfg.group_regex)
+    keys = []
+    for f in source.files:
+        rel = f.relative_to(source.root).as_posix()
+        match = pattern.search(rel)
+        # An item the regex does not match is its own group.
+        keys.append((match.group(1) if pattern.groups else match.group(0)) if match else rel)
+    return keys
+
+
+def _stratified_split(strata: list[str], valid_pct: float, rng: np.random.Generator) -> np.ndarray:
+    by_class: dict[str, list[int]] = defaultdict(list)
+    for i, s in enumerate(strata):
+        by_class[s].append(i)
+    valid = []
+    for s in sorted(by_class):
+        idx = rng.permutation(by_class[s])
+        n = round(len(idx) * valid_pct)
+        if valid_pct > 0 and len(idx) >= 2:
+            n = min(max(n, 1), len(idx) - 1)  # every class on both sides when it has two items
+        valid.extend(idx[:n].tolist())
+    return np.array(sorted(valid), dtype=int)
+
+
+def _group_split(groups: list[str], strata: list[str] | None, valid_pct: float, rng: np.random.Generator) -> np.ndarray:
+    members: dict[str, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        members[g].append(i)
+    keys = list(members)
+    keys = [keys[i] for i in rng.permutation(len(keys))]
+    # Greedy: a group goes to valid while its majority class is short of its valid quota.
+    strata = strata or ["all"] * len(groups)
+    quota = {s: n * valid_pct for s, n in Counter(strata).items()}
+    taken: Counter = Counter()
+    valid: list[int] = []
+    for key in keys:
+        items = members[key]
+        major = Counter(strata[i] for i in items).most_common(1)[0][0]
+        if taken[major] + len(items) / 2 < quota[major]:
+            valid.extend(items)
+            taken.update(strata[i] for i in items)
+    return np.array(sorted(valid), dtype=int)
+
+
+# ---------------------------------------------------------------- images
+
+
+@dataclass(frozen=True)
+class BadImage:
+    path: Path
+    reason: str
+
+
+def check_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
+    """Why the image at `path` cannot be used, or None when it decodes.
+
+    Reads the header first, so a decompression bomb is refused by its declared size and never
+    decoded; JPEGs are then decoded at reduced scale (`draft`), which still finds truncation.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                return f"decompression bomb: declares {width}x{height} pixels, over the {max_pixels:,} limit"
+            if width < 1 or height < 1:
+                return f"no pixels ({width}x{height})"
+            img.draft("RGB", (64, 64))
+            img.load()
+    except FileNotFoundError:
+        return "file not found (moved or deleted)"
+    except Image.DecompressionBombError as e:
+        return f"decompression bomb: {e}"
+    except OSError as e:
+        if "cannot identify image file" in str(e):
+            return "not an image (content is not a known image format)"
+        return f"cannot be decoded: {e}"
+    except (ValueError, SyntaxError, EOFError, Image.DecompressionBombWarning) as e:
+        return f"cannot be decoded: {e}"
+    return None
+
+
+def verify_images(paths: list[Path], max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None) -> list[BadImage]:
+    """Files among `paths` that cannot be used as images, each with the reason, checked in parallel."""
+    workers = workers or min(8, (os.cpu_count() or 1) * 2)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        reasons = list(pool.map(lambda p: check_image(p, max_pixels), paths, chunksize=32))
+    return [BadImage(Path(p), r) for p, r in zip(paths, reasons) if r is not None]
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: 16-bit scaled (not clipped), transparency over white, CMYK converted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = arr.min(initial=0), arr.max(initial=1)
+        img = Image.fromarray(((arr - lo) / max(hi - lo, 1e-12) * 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open an image upright (EXIF orientation applied) as RGB, refusing decompression bombs."""
+    with Image.open(path) as img:
+        if img.width * img.height > max_pixels:
+            raise DataError(f"{Path(path).name}: declares {img.width}x{img.height} pixels, over the {max_pixels:,} limit.")
+        img.load()  # animated GIFs and multi-page TIFFs: the first frame
+        return to_rgb(ImageOps.exif_transpose(img))
+
+
+# ---------------------------------------------------------------- transforms
+
+
+def _to_model_input(mean=IMAGENET_MEAN, std=IMAGENET_STD) -> list[v2.Transform]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+
+
+def valid_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose:
+    """Resize the shorter side to `size`, centre-crop a square, normalise; used for validation and prediction."""
+    return v2.Compose([v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(size), *_to_model_input(mean, std)])
+
+
+def train_transform(cfg: DataConfig) -> v2.Compose:
+    """Random resized crop, flips, small rotations and lighting, applied to uint8 tensors before normalising."""
+    steps: list[v2.Transform] = [
+        v2.ToImage(),
+        v2.RandomResizedCrop(cfg.size, scale=(cfg.min_scale, 1.0), antialias=True),
+    ]
+    if cfg.flip:
+        steps.append(v2.RandomHorizontalFlip())
+    if cfg.flip_vert:
+        steps += [v2.RandomVerticalFlip(), v2.RandomChoice([v2.RandomRotation((a, a)) for a in (0, 90, 180, 270)])]
+    if cfg.max_rotate > 0:
+        steps.append(v2.RandomRotation(cfg.max_rotate))
+    if cfg.max_lighting > 0:
+        steps.append(v2.ColorJitter(brightness=cfg.max_lighting, contrast=cfg.max_lighting))
+    return v2.Compose(steps + _to_model_input())
+
+
+# ---------------------------------------------------------------- datasets and loaders
+
+
+class ImageDataset(Dataset):
+    """Some items of a source; yields (image tensor, target, item index in the source), or None for a
+    file that fails to load."""
+
+    def __init__(self, source: DataSource, ids: np.ndarray, transform, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.files = [source.files[i] for i in ids]
+        self.targets = source.targets()[torch.as_tensor(ids, dtype=torch.long)]
+        self.ids, self.transform, self.max_pixels = [int(i) for i in ids], transform, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        try:
+            img = open_image(self.files[i], self.max_pixels)
+        except (OSError, ValueError, SyntaxError):
+            return None  # vanished or changed since it was verified: skipped, and visible as a missing index
+        return self.transform(img), self.targets[i], self.ids[i]
+
+
+def collate_skipping_failed(batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Stack a batch, leaving out items that failed to load; None when all of them failed."""
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        return None
+    xs, ys, idx = zip(*batch)
+    return torch.stack(xs), torch.stack(ys), torch.tensor(idx)
+
+
+@dataclass
+class DataLoaders:
+    """The train and valid loaders of one dataset and split, with what a model needs to know about them."""
+
+    train: DataLoader
+    valid: DataLoader
+    source: DataSource
+    split: Split
+    bad: list[BadImage]
+
+    @property
+    def vocab(self) -> list[str]:
+        return self.source.vocab
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.source.vocab)
+
+    @property
+    def multi_label(self) -> bool:
+        return self.source.multi_label
+
+
+def prepare(cfg: DataConfig) -> tuple[DataSource, list[BadImage], Split]:
+    """Label, verify and split the dataset: broken files are dropped and returned with their reasons."""
+    source = load_source(cfg)
+    bad = verify_images(source.files, cfg.max_pixels)
+    source = source.without({b.path for b in bad})
+    if not source.files:
+        raise DataError(f"Every image in {str(source.root)!r} failed to load; first reason: {bad[0].reason}.")
+    return source, bad, split_items(source, cfg)
+
+
+def make_dataloaders(cfg: DataConfig, device: torch.device | None = None) -> DataLoaders:
+    """DataLoaders over the verified, split dataset at `cfg.path`."""
+    source, bad, split = prepare(cfg)
+    if len(source.vocab) < 2 and not source.multi_label:
+        raise DataError(f"Found only one class ({source.vocab[0]!r}); a classifier needs at least two.")
+    if len(split.train) == 0:
+        raise DataError("The split left no training images; lower valid_pct or add images.")
+    workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
+    common = dict(
+        batch_size=cfg.batch_size,
+        num_workers=workers,
+        pin_memory=device is not None and device.type == "cuda",
+        persistent_workers=workers > 0,
+        collate_fn=collate_skipping_failed,
+    )
+    n_train = len(split.train)
+    train = DataLoader(
+        ImageDataset(source, split.train, train_transform(cfg), cfg.max_pixels),
+        shuffle=True,
+        # A last batch of one image breaks BatchNorm in training mode, so full batches only.
+        drop_last=n_train > cfg.batch_size,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        **common,
+    )
+    valid = DataLoader(ImageDataset(source, split.valid, valid_transform(cfg.size), cfg.max_pixels), shuffle=False, **common)
+    return DataLoaders(train, valid, source, split, bad)

@@ -1,0 +1,67 @@
+"""Where things run and where things live: the one place that resolves device, seed and workspace paths."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """Turn a device name into a torch.device; "auto" prefers CUDA, then Apple's MPS, then the CPU."""
+    if name not in DEVICE_CHOICES and not name.startswith("cuda:"):
+        raise ValueError(f"Unknown device {name!r}; choose one of {', '.join(DEVICE_CHOICES)}.")
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("CUDA was asked for but no CUDA GPU is visible to PyTorch.")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("MPS was asked for but this machine has no Apple GPU available to PyTorch.")
+    return torch.device(name)
+
+
+def describe_device(device: torch.device) -> str:
+    """A one-line human description, e.g. 'NVIDIA H100 (79 GB)' or 'CPU (2 threads)'."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GB)"
+    if device.type == "mps":
+        return "Apple GPU (MPS)"
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a torch.Generator seeded the same for samplers and splits."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def workspace_dir() -> Path:
+    """Root for runs, caches, uploads and the demo dataset: $LOUPE_HOME, else ./workspace."""
+    root = Path(os.environ.get("LOUPE_HOME", "workspace")).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root.resolve()
+
+
+def runs_dir() -> Path:
+    """Where run directories are created: <workspace>/runs."""
+    path = workspace_dir() / "runs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def default_num_workers() -> int:
+    """DataLoader workers: leave one core for the main process, at most 8; 0 on a single-core machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores - 1))
