@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from core.env import default_num_workers
@@ -59,7 +59,7 @@ class DataConfig:
     valid_pct: float = 0.2  # share of items held out for validation (ignored when the layout fixes the split)
     seed: int = 42  # seed of the split and of the data order
     stratify: bool = True  # keep each class's share the same in train and valid
-    group_regex: str | None = None  # items whose relative paths give the same match (or first group) stay together
+    group_regex: str | None = None  # items whose path (else name) gives the same match or first group stay together
     group_col: str | None = None  # csv layout: column naming each item's group
     size: int = 224  # square side, in pixels, of the images the model sees
     batch_size: int = 64  # images per training step
@@ -173,7 +173,10 @@ def list_images(root: str | os.PathLike) -> list[Path]:
                 continue
             path = Path(folder, entry.name)
             if entry.is_symlink():
-                target = path.resolve()
+                try:
+                    target = path.resolve()
+                except (OSError, RuntimeError):  # a link loop (a -> b -> a): Python 3.11 raises RuntimeError
+                    continue
                 if not target.is_relative_to(root) or not target.exists():
                     continue
                 if target.is_dir():
@@ -373,7 +376,8 @@ def _group_keys(source: DataSource, cfg: DataConfig) -> list[str] | None:
     keys = []
     for f in source.files:
         rel = f.relative_to(source.root).as_posix()
-        match = pattern.search(rel)
+        # The file name too: in root/<class>/alice_1.jpg a regex like ^([a-z]+)_ is meant for "alice_1.jpg".
+        match = pattern.search(rel) or pattern.search(f.name)
         # An item the regex does not match is its own group.
         keys.append((match.group(1) if pattern.groups else match.group(0)) if match else rel)
     return keys
@@ -410,6 +414,9 @@ def _group_split(groups: list[str], strata: list[str] | None, valid_pct: float, 
         if taken[major] + len(items) / 2 < quota[major]:
             valid.extend(items)
             taken.update(strata[i] for i in items)
+    if not valid and valid_pct > 0 and len(keys) > 1:
+        # Every group is bigger than its quota allows: the smallest one is still better than no validation.
+        valid = list(members[min(keys, key=lambda k: len(members[k]))])
     return np.array(sorted(valid), dtype=int)
 
 
@@ -482,7 +489,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open an image upright (EXIF orientation applied) as RGB, refusing decompression bombs."""
-    with Image.open(path) as img:
+    try:
+        img = Image.open(path)
+    except Image.DecompressionBombError as e:  # PIL's own refusal, at twice its limit: one error type for callers
+        raise DataError(f"{Path(path).name}: decompression bomb: {e}") from None
+    with img:
         if img.width * img.height > max_pixels:
             raise DataError(f"{Path(path).name}: declares {img.width}x{img.height} pixels, over the {max_pixels:,} limit.")
         img.load()  # animated GIFs and multi-page TIFFs: the first frame
@@ -550,6 +561,24 @@ def collate_skipping_failed(batch: list) -> tuple[torch.Tensor, torch.Tensor, to
     return torch.stack(xs), torch.stack(ys), torch.tensor(idx)
 
 
+class EpochSampler(Sampler[int]):
+    """A shuffling sampler whose order is a pure function of (seed, epoch), so a resumed run sees the
+    same order, and which can skip the batches an interrupted epoch already trained on."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0, batch_size: int = 1) -> None:
+        self.epoch, self.start = epoch, skip_batches * batch_size
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        return iter(order[self.start :].tolist())
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+
 @dataclass
 class DataLoaders:
     """The train and valid loaders of one dataset and split, with what a model needs to know about them."""
@@ -583,6 +612,24 @@ def prepare(cfg: DataConfig) -> tuple[DataSource, list[BadImage], Split]:
     return source, bad, split_items(source, cfg)
 
 
+def make_loader(source: DataSource, ids: np.ndarray, cfg: DataConfig, train: bool, device: torch.device | None = None) -> DataLoader:
+    """A DataLoader over some items of `source`: augmented and shuffled per epoch when `train`, else in order."""
+    workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
+    transform = train_transform(cfg) if train else valid_transform(cfg.size)
+    return DataLoader(
+        ImageDataset(source, ids, transform, cfg.max_pixels),
+        batch_size=cfg.batch_size,
+        sampler=EpochSampler(len(ids), cfg.seed) if train else None,
+        # A last batch of one image breaks BatchNorm in training mode, so full batches only.
+        drop_last=train and len(ids) > cfg.batch_size,
+        num_workers=workers,
+        pin_memory=device is not None and device.type == "cuda",
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        collate_fn=collate_skipping_failed,
+    )
+
+
 def make_dataloaders(cfg: DataConfig, device: torch.device | None = None) -> DataLoaders:
     """DataLoaders over the verified, split dataset at `cfg.path`."""
     source, bad, split = prepare(cfg)
@@ -590,22 +637,41 @@ def make_dataloaders(cfg: DataConfig, device: torch.device | None = None) -> Dat
         raise DataError(f"Found only one class ({source.vocab[0]!r}); a classifier needs at least two.")
     if len(split.train) == 0:
         raise DataError("The split left no training images; lower valid_pct or add images.")
-    workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
-    common = dict(
-        batch_size=cfg.batch_size,
-        num_workers=workers,
-        pin_memory=device is not None and device.type == "cuda",
-        persistent_workers=workers > 0,
-        collate_fn=collate_skipping_failed,
-    )
-    n_train = len(split.train)
-    train = DataLoader(
-        ImageDataset(source, split.train, train_transform(cfg), cfg.max_pixels),
-        shuffle=True,
-        # A last batch of one image breaks BatchNorm in training mode, so full batches only.
-        drop_last=n_train > cfg.batch_size,
-        generator=torch.Generator().manual_seed(cfg.seed),
-        **common,
-    )
-    valid = DataLoader(ImageDataset(source, split.valid, valid_transform(cfg.size), cfg.max_pixels), shuffle=False, **common)
+    train = make_loader(source, split.train, cfg, train=True, device=device)
+    valid = make_loader(source, split.valid, cfg, train=False, device=device)
     return DataLoaders(train, valid, source, split, bad)
+
+
+def source_record(source: DataSource, split: Split) -> dict:
+    """The items, labels and split of a run as plain JSON, so a run can be interpreted later exactly as it
+    was trained even after the dataset folder has been cleaned."""
+    side = np.full(len(source), "", dtype=object)
+    for name in ("train", "valid", "test"):
+        side[getattr(split, name)] = name
+    return {
+        "root": str(source.root),
+        "layout": source.layout,
+        "vocab": source.vocab,
+        "multi_label": source.multi_label,
+        "items": [
+            {"file": f.relative_to(source.root).as_posix(), "labels": list(ls), "split": str(sd)}
+            for f, ls, sd in zip(source.files, source.labels, side)
+        ],
+    }
+
+
+def source_from_record(record: dict) -> tuple[DataSource, Split]:
+    """Rebuild the DataSource and Split that `source_record` saved; files that no longer exist are dropped."""
+    root = Path(record["root"])
+    items = [it for it in record["items"] if (root / it["file"]).exists()]
+    source = DataSource(
+        root=root,
+        layout=record["layout"],
+        files=[root / it["file"] for it in items],
+        labels=[tuple(it["labels"]) for it in items],
+        vocab=list(record["vocab"]),
+        multi_label=bool(record["multi_label"]),
+        fixed_split=[it["split"] for it in items],
+    )
+    sides = np.array(source.fixed_split, dtype=object)
+    return source, Split(*(np.flatnonzero(sides == s) for s in ("train", "valid", "test")))
