@@ -1,0 +1,203 @@
+"""The command line: python -m core train|lr-find|interpret|predict|demo ...
+
+Exit codes: 0 done (or stopped on request), 1 the run failed, 2 bad arguments or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from core import runs
+from core.data import LAYOUTS, DataConfig, DataError, detect_layout
+from core.model import ARCHS, ModelConfig
+from core.train import SCHEDULES, TrainConfig
+
+
+def _data_and_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", nargs="?", help="dataset folder (omit to reuse the config already in --run-dir)")
+    p.add_argument("--run-dir", type=Path, help="run directory (default: a new one under <workspace>/runs)")
+    p.add_argument("--layout", default="auto", choices=LAYOUTS)
+    p.add_argument("--label-regex", help="filename_regex layout: the first group is the label")
+    p.add_argument("--csv", dest="csv_file", help="csv layout: CSV file name inside the dataset folder")
+    p.add_argument("--arch", default="resnet18", choices=sorted(ARCHS))
+    p.add_argument("--no-pretrained", action="store_true", help="train from random weights (no download)")
+    p.add_argument("--weights", dest="weights_path", help="local pretrained weights file (.pth or .safetensors)")
+    p.add_argument("--size", type=int, default=224, help="image side in pixels")
+    p.add_argument("--bs", type=int, default=64, help="batch size")
+    p.add_argument("--valid-pct", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--group-regex", help="keep items whose paths share this match on one side of the split")
+    p.add_argument("--workers", type=int, help="DataLoader workers (default: from the cores available)")
+    p.add_argument("--schedule", default="fine_tune", choices=SCHEDULES)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--freeze-epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr-min", type=float, help="lowest group's rate; rates spread geometrically up to --lr")
+    p.add_argument("--wd", type=float, default=0.01, help="weight decay")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--threshold", type=float, default=0.5, help="multi-label decision threshold")
+    p.add_argument("--early-stopping", type=int, default=0, help="patience in epochs (0 = off)")
+    p.add_argument("--keep-best", action="store_true", help="export the epoch with the lowest valid loss")
+    p.add_argument("--init-from", help="run dir or bundle to start from (progressive resizing, more data)")
+    p.add_argument("--no-mixed-precision", action="store_true")
+    p.add_argument("--device", default="auto")
+
+
+def _config_from_args(a: argparse.Namespace) -> TrainConfig:
+    data = DataConfig(
+        path=str(Path(a.data).expanduser().resolve()),
+        layout=a.layout,
+        csv_file=a.csv_file,
+        size=a.size,
+        batch_size=a.bs,
+        valid_pct=a.valid_pct,
+        seed=a.seed,
+        group_regex=a.group_regex,
+        num_workers=a.workers,
+        **({"label_regex": a.label_regex} if a.label_regex else {}),
+    )
+    model = ModelConfig(arch=a.arch, pretrained=not a.no_pretrained, weights_path=a.weights_path)
+    return TrainConfig(
+        data=data,
+        model=model,
+        schedule=a.schedule,
+        epochs=a.epochs,
+        freeze_epochs=a.freeze_epochs,
+        lr=a.lr,
+        lr_min=a.lr_min,
+        weight_decay=a.wd,
+        label_smoothing=a.label_smoothing,
+        threshold=a.threshold,
+        early_stopping=a.early_stopping,
+        keep_best=a.keep_best,
+        init_from=a.init_from,
+        mixed_precision=not a.no_mixed_precision,
+        device=a.device,
+    )
+
+
+def _prepare_run_dir(a: argparse.Namespace) -> Path:
+    """A run dir holding config.json: the one given (reusing its config when no DATA), or a new one."""
+    if a.data is None:
+        if a.run_dir is None or not (a.run_dir / runs.CONFIG_FILE).exists():
+            raise DataError("Give a dataset folder, or a --run-dir that already holds a config.json.")
+        return a.run_dir
+    cfg = _config_from_args(a)
+    detect_layout(cfg.data)  # a missing or empty folder fails here, before a run directory is made
+    if a.run_dir is None:
+        return runs.create(cfg.to_dict(), name_hint=cfg.model.arch)
+    if (a.run_dir / runs.CONFIG_FILE).exists():
+        raise DataError(f"{a.run_dir} already holds a run; choose a new --run-dir or omit DATA to continue it.")
+    a.run_dir.mkdir(parents=True, exist_ok=True)
+    return runs.create_in(a.run_dir, cfg.to_dict())
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from core.job import run_training
+
+    run_dir = _prepare_run_dir(a)
+    return run_training(run_dir, resume=a.resume)
+
+
+def cmd_lr_find(a: argparse.Namespace) -> int:
+    from core.job import run_lr_find
+
+    run_dir = _prepare_run_dir(a)
+    result = run_lr_find(run_dir, num_it=a.num_it, start_lr=a.start_lr, end_lr=a.end_lr)
+    print(f"LR finder: {len(result.lrs)} steps, curve in {run_dir / 'lr_find.json'}")
+    for name, lr in result.suggestions.items():
+        print(f"  {name:<8} {lr:.2e}")
+    return 0
+
+
+def cmd_interpret(a: argparse.Namespace) -> int:
+    from core import interpret
+    from core.job import interpret_run
+
+    table = interpret_run(a.run_dir, a.split)
+    vocab = table.attrs["vocab"]
+    print(f"Top {a.top} losses ({a.split}):")
+    print(interpret.top_losses(table, a.top)[["file", "actual", "predicted", "prob_pred", "loss"]].to_string(index=False))
+    if not interpret.is_multi_label(table):
+        print("\nMost confused (actual -> predicted):")
+        print(interpret.most_confused(table, vocab, min_val=1).to_string(index=False))
+    print(f"\nTable: {interpret.table_path(a.run_dir, a.split)}")
+    return 0
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    from core.data import open_image
+    from core.model import load_bundle, predict
+
+    bundle = load_bundle(a.model)
+    status = 0
+    for path in a.images:
+        try:
+            image = open_image(path)
+        except (OSError, ValueError) as e:
+            print(json.dumps({"file": str(path), "error": str(e)}))
+            status = 2
+            continue
+        top = predict(bundle, [image], top_k=a.top_k)[0]
+        print(json.dumps({"file": str(path), "top": [{"label": lbl, "prob": round(p, 6)} for lbl, p in top]}))
+    return status
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from core.demo import DemoSpec, make_demo_dataset
+
+    root = make_demo_dataset(a.folder, DemoSpec(n_per_class=a.n_per_class, size=a.size))
+    print(root)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m core", description="Loupe: image classifiers the fast.ai way.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model and leave a complete run directory")
+    _data_and_model_args(train)
+    train.add_argument("--resume", action="store_true", help="continue a stopped or crashed run from its checkpoint")
+    train.set_defaults(func=cmd_train)
+
+    lrf = sub.add_parser("lr-find", help="sweep learning rates and print suggestions")
+    _data_and_model_args(lrf)
+    lrf.add_argument("--num-it", type=int, default=100)
+    lrf.add_argument("--start-lr", type=float, default=1e-7)
+    lrf.add_argument("--end-lr", type=float, default=10.0)
+    lrf.set_defaults(func=cmd_lr_find, resume=False)
+
+    interp = sub.add_parser("interpret", help="top losses and most-confused pairs of a finished run")
+    interp.add_argument("--run-dir", type=Path, required=True)
+    interp.add_argument("--split", default="valid", choices=("valid", "train"))
+    interp.add_argument("--top", type=int, default=20)
+    interp.set_defaults(func=cmd_interpret)
+
+    pred = sub.add_parser("predict", help="top-k classes for images, one JSON object per image")
+    pred.add_argument("model", type=Path, help="a run directory or a model.safetensors bundle")
+    pred.add_argument("images", nargs="+", type=Path)
+    pred.add_argument("--top-k", type=int, default=3)
+    pred.set_defaults(func=cmd_predict)
+
+    demo = sub.add_parser("demo", help="write the demo dataset (drawn shapes, a few mislabelled)")
+    demo.add_argument("folder", type=Path)
+    demo.add_argument("--n-per-class", type=int, default=40)
+    demo.add_argument("--size", type=int, default=64)
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (DataError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""A run from start to end, inside its own process: `python -m core train --run-dir DIR` lands here.
+
+The run directory is the only channel to the outside: status.json says where the run stands,
+events.jsonl streams what happens, STOP asks for a clean stop. Nothing here assumes a page is watching.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+from core import interpret, runs
+from core.data import DataLoaders, make_loader, source_from_record, source_record
+from core.fileio import atomic_write_json, read_json
+from core.lrfind import LRFindResult, lr_find
+from core.model import load_bundle
+from core.train import (
+    BUNDLE,
+    CHECKPOINT,
+    Learner,
+    StopRequested,
+    TrainConfig,
+    get_preds,
+    load_best_weights,
+    load_checkpoint,
+)
+
+DATASET_RECORD = "dataset.json"
+LR_FIND_FILE = "lr_find.json"
+
+
+class EpochTable:
+    """fastai's epoch table on stdout: a header once, then one aligned row per epoch."""
+
+    def __init__(self, out=sys.stdout):
+        self.out, self.columns = out, None
+
+    def __call__(self, row: dict) -> None:
+        if self.columns is None:
+            self.columns = list(row)
+            print("  ".join(f"{c:>12}" for c in self.columns), file=self.out, flush=True)
+        print("  ".join(self._cell(c, row.get(c)) for c in self.columns), file=self.out, flush=True)
+
+    @staticmethod
+    def _cell(name: str, value) -> str:
+        if name == "seconds" and isinstance(value, (int, float)):
+            minutes, seconds = divmod(int(round(value)), 60)
+            return f"{minutes:>9}:{seconds:02d}"
+        if isinstance(value, float):
+            return f"{value:>12.6f}" if math.isfinite(value) else f"{'nan':>12}"
+        return f"{value!s:>12}"
+
+
+class ProgressBar:
+    """A one-line progress bar per epoch on stderr, only when a person is watching a terminal."""
+
+    def __init__(self, out=sys.stderr):
+        self.out, self.live = out, out.isatty()
+
+    def __call__(self, batch: int, n_batches: int, loss: float) -> None:
+        if not self.live:
+            return
+        done = int(30 * batch / max(n_batches, 1))
+        end = "\n" if batch >= n_batches else ""
+        print(f"\r[{'#' * done}{'.' * (30 - done)}] {batch}/{n_batches} loss {loss:.4f}", end=end, file=self.out, flush=True)
+
+
+class Reporter:
+    """The one on_event callback: every event to events.jsonl, epochs to the table, batches to the bar."""
+
+    def __init__(self, writer: runs.EventWriter | None):
+        self.writer, self.table, self.bar = writer, EpochTable(), ProgressBar()
+
+    def __call__(self, kind: str, **fields) -> None:
+        if self.writer:
+            self.writer.emit(kind, **fields)
+        if kind == "epoch":
+            self.table(fields)
+        elif kind == "batch":
+            self.bar(fields["batch"], fields["n_batches"], fields["loss"])
+
+
+class _Signals:
+    """SIGTERM (and SIGINT in a terminal) only set a flag; the loop stops at the next batch boundary."""
+
+    def __init__(self):
+        self.received = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+
+def load_config(run_dir: str | Path) -> TrainConfig:
+    return TrainConfig.from_dict(read_json(Path(run_dir) / runs.CONFIG_FILE))
+
+
+def run_training(run_dir: str | Path, resume: bool = False) -> int:
+    """Train the run in `run_dir` to the end; returns the process exit code (0 done or stopped, 1 failed)."""
+    run_dir = Path(run_dir)
+    writer = runs.EventWriter(run_dir)
+    report = Reporter(writer)
+    signals = _Signals()
+    try:
+        cfg = load_config(run_dir)
+        with runs.acquire_compute_lock(run_dir.parent):
+            runs.mark_running(run_dir)
+            if resume:
+                runs.clear_stop(run_dir)
+            should_stop = lambda: signals.received or runs.stop_requested(run_dir)  # noqa: E731
+            learner = Learner(cfg, on_event=report, should_stop=should_stop, run_dir=run_dir)
+            _announce(learner, report, run_dir, resume)
+            state = load_checkpoint(run_dir) if resume else None
+            try:
+                learner.fit(state)
+            except StopRequested as stop:
+                _finish(learner, report, run_dir)
+                report("stopped", message=str(stop))
+                runs.mark_finished(run_dir, runs.STOPPED)
+                return 0
+            _finish(learner, report, run_dir)
+            report("done", epochs=len(learner.history), best_valid_loss=learner.best_valid)
+            runs.mark_finished(run_dir, runs.DONE)
+            return 0
+    except Exception as e:  # every failure ends as a readable event and a failed status, never a silent exit
+        message = f"{type(e).__name__}: {e}"
+        report("error", message=message, traceback=traceback.format_exc())
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        runs.mark_finished(run_dir, runs.FAILED, error=message)
+        return 1
+    finally:
+        writer.close()
+
+
+def _announce(learner: Learner, report: Reporter, run_dir: Path, resume: bool) -> None:
+    dls = learner.dls
+    atomic_write_json(run_dir / DATASET_RECORD, source_record(dls.source, dls.split))
+    print(f"Loupe run {run_dir.name}: {dls.source.describe()} on {learner.device}", flush=True)
+    for bad in dls.bad:
+        print(f"skipped {bad.path}: {bad.reason}", file=sys.stderr, flush=True)
+    report(
+        "start",
+        resume=resume,
+        device=str(learner.device),
+        config=learner.cfg.to_dict(),
+        vocab=dls.vocab,
+        n_train=len(dls.split.train),
+        n_valid=len(dls.split.valid),
+        n_batches=len(dls.train),
+        bad_files=[{"file": str(b.path), "reason": b.reason} for b in dls.bad],
+    )
+
+
+def _finish(learner: Learner, report: Reporter, run_dir: Path) -> None:
+    """Export the model and the interpretation tables: what Interpret, Clean and Predict read."""
+    if learner.cfg.keep_best and load_best_weights(learner, run_dir):
+        report("best_weights", best_valid_loss=learner.best_valid)
+    learner.export(run_dir / BUNDLE)
+    report("exported", file=BUNDLE)
+    for split in ("valid", "train"):
+        table = _item_table(learner, learner.dls, split)
+        interpret.save_table(table, interpret.table_path(run_dir, split))
+    report("interpreted", splits=["valid", "train"])
+
+
+def _item_table(learner: Learner, dls: DataLoaders, split: str):
+    ids = getattr(dls.split, split)
+    loader = make_loader(dls.source, ids, learner.cfg.data, train=False, device=learner.device)
+    preds = get_preds(learner, loader)
+    probs = torch.sigmoid(preds.logits) if dls.multi_label else torch.softmax(preds.logits, dim=1)
+    return interpret.item_table(
+        probs,
+        preds.targets,
+        [str(dls.source.files[i]) for i in preds.ids.tolist()],
+        dls.vocab,
+        multi_label=dls.multi_label,
+        split=split,
+        item_ids=preds.ids.numpy(),
+        threshold=learner.cfg.threshold,
+        losses=preds.losses.numpy(),
+    )
+
+
+def interpret_run(run_dir: str | Path, split: str = "valid"):
+    """The per-item table of a finished run, from its model and the items it was trained on; cached on disk."""
+    run_dir = Path(run_dir)
+    path = interpret.table_path(run_dir, split)
+    bundle_path = run_dir / BUNDLE
+    if path.exists() and path.stat().st_mtime >= bundle_path.stat().st_mtime:
+        return interpret.load_table(path)
+    cfg = load_config(run_dir)
+    source, item_split = source_from_record(read_json(run_dir / DATASET_RECORD))
+    bundle = load_bundle(bundle_path)
+    empty = make_loader(source, item_split.valid[:0], cfg.data, train=False)
+    dls = DataLoaders(empty, empty, source, item_split, [])
+    learner = Learner(cfg, dls=dls, model=bundle.model)
+    table = _item_table(learner, dls, split)
+    interpret.save_table(table, path)
+    return table
+
+
+def run_lr_find(run_dir: str | Path, num_it: int = 100, start_lr: float = 1e-7, end_lr: float = 10.0) -> LRFindResult:
+    """Sweep learning rates for the config in `run_dir`; the curve goes to events.jsonl and lr_find.json."""
+    run_dir = Path(run_dir)
+    with runs.EventWriter(run_dir) as writer:
+        learner = Learner(load_config(run_dir), run_dir=run_dir)
+        result = lr_find(learner, num_it, start_lr, end_lr, on_step=lambda lr, loss: writer.emit("lr_find", lr=lr, loss=loss))
+        writer.emit("lr_find_done", suggestions=result.suggestions)
+    atomic_write_json(run_dir / LR_FIND_FILE, result.to_dict())
+    return result
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    return (Path(run_dir) / CHECKPOINT).exists()

@@ -1,0 +1,636 @@
+"""The run-directory protocol: the one contract between the app (parent) and a training process (child).
+
+A run lives in `runs/<id>/`; the directory is the truth, so a browser reload or an app restart loses nothing:
+
+  config.json    the TrainConfig as a dict, written once by `create` before anything runs
+  status.json    {state, created_at, updated_at, pid, pid_started, started_at, running_at, finished_at, error}
+  events.jsonl   one JSON object per line, appended by the child through `EventWriter`
+  train.log      the child's stdout and stderr
+  STOP           present when a cooperative stop was requested
+  (checkpoints, the model bundle and the interpretation table are written by other modules)
+
+Lifecycle: created -> queued (`start` launched the child, which may wait for the compute lock)
+-> running (the child calls `mark_running`) -> done | failed | stopped (`mark_finished`).
+If the child dies without saying so, `status` notices the dead pid and records `failed` on its behalf.
+
+Every time is a Unix timestamp (float seconds), like the `time` of events, so durations are subtractions.
+POSIX only (fcntl, process groups). This module deliberately imports neither torch nor streamlit:
+processes that only speak the protocol (tests, the status poller) start in milliseconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from core.fileio import atomic_write_json, atomic_write_text, read_json
+
+CREATED = "created"
+QUEUED = "queued"
+RUNNING = "running"
+DONE = "done"
+FAILED = "failed"
+STOPPED = "stopped"
+UNREADABLE = "unreadable"  # never written to status.json: how `list_runs` marks a run whose files it cannot read
+ACTIVE_STATES = frozenset({QUEUED, RUNNING})
+FINAL_STATES = frozenset({DONE, FAILED, STOPPED})
+
+CONFIG_FILE = "config.json"
+STATUS_FILE = "status.json"
+EVENTS_FILE = "events.jsonl"
+LOG_FILE = "train.log"
+STOP_FILE = "STOP"
+COMPUTE_LOCK_FILE = ".compute.lock"
+_STATUS_LOCK_FILE = ".status.lock"
+
+DIED_MESSAGE = "The training process ended unexpectedly (killed or crashed); see train.log."
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Popen objects of the children this process launched, so `status` can reap them (a zombie looks alive to
+# os.kill) and Python does not warn that a still-running child's Popen was garbage-collected.
+_children: dict[int, subprocess.Popen] = {}
+
+PathArg = str | os.PathLike
+
+
+class ComputeBusy(RuntimeError):
+    """Raised by `acquire_compute_lock(wait=False)` when another process holds the lock."""
+
+
+# ---------------------------------------------------------------- creating runs
+
+
+def _root(root: PathArg | None) -> Path:
+    if root is not None:
+        return Path(root)
+    from core.env import runs_dir  # lazy: core.env imports torch, which costs seconds at startup
+
+    return runs_dir()
+
+
+def new_run_id(name_hint: str = "") -> str:
+    """A sortable, filesystem-safe id: UTC time, a slug of `name_hint`, 4 random hex digits.
+
+    e.g. "20261123-063012-resnet18-a1b2". Ids sort by creation second; `create` guarantees uniqueness
+    (4 hex digits alone collide now and then when many runs are made in one second).
+    """
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    slug = re.sub(r"[^a-z0-9]+", "-", name_hint.lower()).strip("-")[:32].strip("-")
+    return "-".join(part for part in (stamp, slug, secrets.token_hex(2)) if part)
+
+
+def create(config: Mapping[str, Any] | object, root: PathArg | None = None, name_hint: str = "") -> Path:
+    """Make `root/<id>/` (root defaults to env.runs_dir()) holding config.json, then status.json (created).
+
+    `config` is a dict or a dataclass such as TrainConfig. Returns the new run directory.
+    """
+    base = _root(root)
+    base.mkdir(parents=True, exist_ok=True)
+    return create_in(_claim_dir(base, name_hint), config)
+
+
+def create_in(run_dir: PathArg, config: Mapping[str, Any] | object) -> Path:
+    """Make `run_dir` (a directory chosen by hand, e.g. `--run-dir`) a run: config.json, then status.json.
+
+    Refuses (FileExistsError) a directory that already holds a config.json, so no run is ever overwritten.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if (run_dir / CONFIG_FILE).exists():
+        raise FileExistsError(f"{run_dir} already holds a run ({CONFIG_FILE}).")
+    data = asdict(config) if is_dataclass(config) and not isinstance(config, type) else dict(config)
+    atomic_write_json(run_dir / CONFIG_FILE, data)
+    now = time.time()
+    atomic_write_json(run_dir / STATUS_FILE, {"state": CREATED, "created_at": now, "updated_at": now})
+    return run_dir
+
+
+def _claim_dir(base: Path, name_hint: str) -> Path:
+    # mkdir is atomic and fails if the name exists, so two creators can never share a directory.
+    for _ in range(100):
+        run_dir = base / new_run_id(name_hint)
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"Could not find a free run id in {base}.")
+
+
+# ---------------------------------------------------------------- status
+
+
+@contextlib.contextmanager
+def _flock(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `path`; the kernel drops it when the fd closes or the process dies."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def read_status(run_dir: PathArg) -> dict[str, Any]:
+    """status.json as written, without checking that the recorded process is still alive."""
+    data = read_json(Path(run_dir) / STATUS_FILE)
+    if not isinstance(data, dict):
+        raise ValueError(f"{Path(run_dir) / STATUS_FILE} does not hold a JSON object.")
+    return data
+
+
+def _update_status(run_dir: PathArg, change: Callable[[dict[str, Any]], dict[str, Any] | None]) -> dict[str, Any]:
+    """Read-modify-write status.json under a lock, so the parent and the child never lose each other's fields.
+
+    `change(current)` returns the fields to merge, or None to leave the file alone.
+    """
+    run_dir = Path(run_dir)
+    with _flock(run_dir / _STATUS_LOCK_FILE):
+        try:
+            current = read_status(run_dir)
+        except (FileNotFoundError, ValueError):
+            current = {}  # nothing worth keeping: rewrite it whole
+        fields = change(current)
+        if fields is None:
+            return current
+        merged = {**current, **fields, "updated_at": time.time()}
+        atomic_write_json(run_dir / STATUS_FILE, merged)
+        return merged
+
+
+def write_status(run_dir: PathArg, **fields: Any) -> dict[str, Any]:
+    """Merge `fields` into status.json atomically, set `updated_at`, and return the new status."""
+    return _update_status(run_dir, lambda current: fields)
+
+
+def mark_running(run_dir: PathArg) -> dict[str, Any]:
+    """For the child once it holds the compute lock: state running, `running_at`, and its pid if none is recorded.
+
+    The pid recorded by `start` is kept: it leads the process group that `kill` signals (torchrun's launcher
+    when several GPUs are used); a child launched by hand records its own.
+    """
+
+    def change(current: dict[str, Any]) -> dict[str, Any]:
+        fields: dict[str, Any] = {"state": RUNNING, "running_at": time.time()}
+        if not current.get("pid"):
+            fields.update(pid=os.getpid(), pid_started=_process_start(os.getpid()))
+        return fields
+
+    return _update_status(run_dir, change)
+
+
+def mark_finished(run_dir: PathArg, state: str, error: str | None = None, **fields: Any) -> dict[str, Any]:
+    """For the child at the end: a final state (done, failed or stopped), `finished_at`, and the error if any."""
+    if state not in FINAL_STATES:
+        raise ValueError(f"{state!r} is not a final state; choose one of {sorted(FINAL_STATES)}.")
+    return write_status(run_dir, state=state, error=error, finished_at=time.time(), **fields)
+
+
+def status(run_dir: PathArg) -> dict[str, Any]:
+    """status.json reconciled with reality: an active run whose process is gone is recorded as failed.
+
+    "Gone" means the pid no longer exists, is a zombie, or now belongs to another program: on Linux, its start
+    time differs from the recorded `pid_started`, or, when none is recorded, its /proc/<pid>/cmdline does not
+    mention the run id. The verdict is written back, so it persists. A run
+    stopped with `kill` ends as stopped instead of failed. An active run with no pid yet is left alone.
+    """
+    run_dir = Path(run_dir)
+    current = read_status(run_dir)
+    pid = current.get("pid")
+    if current.get("state") not in ACTIVE_STATES or not isinstance(pid, int):
+        return current
+    alive, returncode = _probe(pid, run_dir, current.get("pid_started"))
+    if alive:
+        return current
+
+    def verdict(now: dict[str, Any]) -> dict[str, Any] | None:
+        # Re-checked under the lock: the child may have finished, or `start` relaunched it, meanwhile.
+        if now.get("state") not in ACTIVE_STATES or now.get("pid") != pid:
+            return None
+        fields: dict[str, Any] = {"state": FAILED, "error": DIED_MESSAGE, "finished_at": _last_sign_of_life(run_dir)}
+        if now.get("kill_signal"):
+            fields.update(state=STOPPED, error=None, note=f"Stopped by force ({now['kill_signal']}).")
+        if returncode is not None:
+            fields["returncode"] = returncode
+        return fields
+
+    return _update_status(run_dir, verdict)
+
+
+def _probe(pid: int, run_dir: Path, pid_started: object = None) -> tuple[bool, int | None]:
+    """(is `pid` still this run's live process, its exit code when we happen to learn it)."""
+    child = _children.get(pid)
+    if child is not None:  # launched by this process: Popen knows for sure
+        code = child.poll()
+        if code is None:
+            return True, None
+        del _children[pid]
+        return False, code
+    try:  # our child through some other path (a test's Popen): reap it, or it stays a zombie that looks alive
+        reaped, wait_status = os.waitpid(pid, os.WNOHANG)
+        if reaped:
+            return False, os.waitstatus_to_exitcode(wait_status)
+    except ChildProcessError:
+        pass  # not our child: its own parent reaps it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False, None
+    except PermissionError:
+        pass  # exists, owned by another user: /proc decides
+    return _is_same_process(pid, run_dir.name, pid_started), None
+
+
+def _process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux /proc), or None where unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[19]) if fields[0] != "Z" else None  # fields[0] is field 3 (state), [19] is 22 (starttime)
+
+
+def _is_same_process(pid: int, run_id: str, pid_started: object) -> bool:
+    # Pids are reused, so a live pid is ours only if it is the very process recorded: same start time when one
+    # was recorded, else a command line that names the run (`--run-dir .../<id>`). A zombie has neither a
+    # start time here nor a cmdline, so a zombie of another parent counts as dead too.
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True  # no /proc (macOS): trust the pid alone
+    if isinstance(pid_started, int):
+        return _process_start(pid) == pid_started
+    try:
+        cmdline = (proc / str(pid) / "cmdline").read_bytes()
+    except FileNotFoundError:
+        return False
+    except PermissionError:
+        return True
+    return run_id.encode() in cmdline
+
+
+def _last_sign_of_life(run_dir: Path) -> float:
+    """When a dead child last wrote anything: a better `finished_at` than the moment we noticed."""
+    times = [p.stat().st_mtime for p in (run_dir / EVENTS_FILE, run_dir / LOG_FILE) if p.exists()]
+    return max(times, default=time.time())
+
+
+# ---------------------------------------------------------------- launching, stopping, killing
+
+
+def _command(run_dir: Path, extra_args: list[str], gpus: int, module: str) -> list[str]:
+    train = ["-m", module, "train", "--run-dir", str(run_dir), *extra_args]
+    if gpus == 1:
+        return [sys.executable, *train]
+    # --standalone: a private rendezvous on a free port, so two multi-GPU runs never fight over port 29500.
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus), *train]
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"  # train.log fills line by line, not in 8 KB gulps
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    return env
+
+
+def start(run_dir: PathArg, extra_args: list[str] | None = None, gpus: int = 1, *, module: str = "core") -> int:
+    """Launch `python -m <module> train --run-dir RUN` (under torchrun when gpus > 1) and return its pid.
+
+    The child runs in its own session, so a Streamlit rerun, a reload or Ctrl-C of the app never kills it;
+    its stdout and stderr are appended to train.log. status becomes queued with the pid; the child flips it
+    to running. A leftover STOP file is cleared so a resumed run does not stop at once. `module` exists so
+    tests can launch a small real program instead of the full trainer.
+    """
+    run_dir = Path(run_dir).absolute()  # the child's cwd is the repo root, not ours
+    if gpus < 1:
+        raise ValueError(f"gpus must be at least 1, got {gpus}.")
+    state = status(run_dir).get("state")
+    if state in ACTIVE_STATES:
+        raise ValueError(f"Run {run_dir.name} is already {state}.")
+    command = _command(run_dir, list(extra_args or []), gpus, module)
+    clear_stop(run_dir)
+    # Queued before the launch and the pid after it: the second write merges only the pid, so a fast child's
+    # "running" is never overwritten by the parent.
+    write_status(run_dir, state=QUEUED, pid=None, started_at=time.time(), running_at=None, finished_at=None,
+                 pid_started=None, error=None, note=None, returncode=None, kill_signal=None, command=command)
+    try:
+        with open(run_dir / LOG_FILE, "ab") as log:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            log.write(f"--- {stamp} launching: {shlex.join(command)}\n".encode())
+            log.flush()
+            proc = subprocess.Popen(command, cwd=REPO_ROOT, env=_child_env(), stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    except OSError as exc:
+        mark_finished(run_dir, FAILED, error=f"Could not launch the training process: {exc}")
+        raise
+    _children[proc.pid] = proc
+    write_status(run_dir, pid=proc.pid, pid_started=_process_start(proc.pid))
+    return proc.pid
+
+
+def request_stop(run_dir: PathArg) -> None:
+    """Ask the child to stop cooperatively: it checks `stop_requested` between batches, saves, and exits."""
+    atomic_write_text(Path(run_dir) / STOP_FILE, f"{time.time()}\n")
+
+
+def stop_requested(run_dir: PathArg) -> bool:
+    """True once `request_stop` was called (cheap: one stat, fine to call every batch)."""
+    return (Path(run_dir) / STOP_FILE).exists()
+
+
+def clear_stop(run_dir: PathArg) -> None:
+    """Forget a stop request (done by `start`, so a resumed run does not stop at once)."""
+    (Path(run_dir) / STOP_FILE).unlink(missing_ok=True)
+
+
+def kill(run_dir: PathArg, sig: int = signal.SIGTERM) -> bool:
+    """Hard stop: signal the process group of the run's recorded pid (its DataLoader and torchrun workers too).
+
+    Does nothing, and returns False, when the run is not active or its process is gone. The signal is
+    recorded so `status` reports the run as stopped by force rather than crashed.
+    """
+    run_dir = Path(run_dir)
+    current = read_status(run_dir)
+    pid = current.get("pid")
+    if current.get("state") not in ACTIVE_STATES or not isinstance(pid, int):
+        return False
+    if not _probe(pid, run_dir, current.get("pid_started"))[0]:
+        return False
+    write_status(run_dir, kill_signal=signal.Signals(sig).name)
+    try:
+        group = os.getpgid(pid)
+        if group != os.getpgid(0):
+            os.killpg(group, sig)
+        else:  # launched by hand from our own process group: never signal ourselves
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+    return True
+
+
+def wait(run_dir: PathArg, timeout: float, poll: float = 0.1) -> dict[str, Any]:
+    """Poll `status` until the run reaches a final state or `timeout` seconds pass; return the last status."""
+    deadline = time.monotonic() + timeout
+    while True:
+        current = status(run_dir)
+        if current.get("state") in FINAL_STATES or time.monotonic() >= deadline:
+            return current
+        time.sleep(poll)
+
+
+@contextlib.contextmanager
+def acquire_compute_lock(root: PathArg | None = None, wait: bool = True) -> Iterator[Path]:
+    """Hold the compute lock (an exclusive flock on root/.compute.lock) so one run trains at a time.
+
+    The child takes it before training, while its status is still queued; `wait=False` raises ComputeBusy
+    instead of blocking. flock rather than a lock file with a pid in it: the kernel releases it when the
+    holder exits or is killed, so a crash can never leave a stale lock. Forked children (DataLoader workers)
+    share it until they exit. Under torchrun take it in one rank only (e.g. local rank 0 before
+    init_process_group), or the ranks would queue behind each other. Pass the run directory's parent as
+    `root` so every run under one runs root shares one lock.
+    """
+    base = _root(root)
+    base.mkdir(parents=True, exist_ok=True)
+    path = base / COMPUTE_LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ComputeBusy(f"Another process holds the compute lock {path}.") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for a human reading the file
+        yield path
+    finally:
+        os.close(fd)  # releases the lock
+
+
+# ---------------------------------------------------------------- events
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON values; non-finite floats become null (see EventWriter)."""
+    if isinstance(value, float):
+        return float(value) if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, int)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy and torch scalars and arrays, without importing either
+        return _jsonable(value.tolist())
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    try:
+        return _jsonable(float(value))
+    except (TypeError, ValueError):
+        return str(value)
+
+
+class EventWriter:
+    """Appends events to run_dir/events.jsonl: one JSON object per line, `{"event": kind, "time": ..., **fields}`.
+
+    Each line goes out in a single O_APPEND write, so a reader in another process sees either nothing or a
+    whole line (`read_events` also ignores an unfinished last line). fsync per line makes the events survive
+    a machine crash; pass fsync=False where that is not worth a disk flush per line.
+    NaN and infinities are written as null: the file stays strict JSON that any reader parses, and
+    pandas/charts read null as a missing point. Numpy and torch values are converted with .tolist().
+    Under torchrun only rank 0 should write.
+    """
+
+    def __init__(self, run_dir: PathArg, fsync: bool = True) -> None:
+        self.path = Path(run_dir) / EVENTS_FILE
+        self.fsync = fsync
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def emit(self, kind: str, /, **fields: Any) -> dict[str, Any]:
+        """Append one event and return it exactly as written (non-finite floats already null)."""
+        if self._fd is None:
+            raise ValueError("EventWriter is closed.")
+        if "event" in fields or "time" in fields:
+            raise ValueError("'event' and 'time' are set by emit; use other field names.")
+        record = _jsonable({"event": kind, "time": time.time(), **fields})
+        data = (json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n").encode()
+        while data:
+            data = data[os.write(self._fd, data):]
+        if self.fsync:
+            os.fsync(self._fd)
+        return record
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> EventWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _parse_lines(chunk: bytes) -> list[dict[str, Any]]:
+    events = []
+    for line in chunk.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:  # a corrupt line (or bad UTF-8) costs one event, not the whole run's history
+            continue
+        if isinstance(event, dict):
+            events.append(event)
+    return events
+
+
+def read_events(run_dir: PathArg, since: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """Events from byte offset `since` on, and the offset to pass next time.
+
+    Only complete lines are returned: an unfinished last line is left for the next call (the returned offset
+    points at its start). Corrupt lines are skipped. If the file became shorter than `since` (it was
+    replaced), reading starts over from 0.
+    """
+    try:
+        f = open(Path(run_dir) / EVENTS_FILE, "rb")
+    except FileNotFoundError:
+        return [], since
+    with f:
+        if since > os.fstat(f.fileno()).st_size:
+            since = 0
+        f.seek(since)
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    return _parse_lines(data[:end]), since + end
+
+
+def load_events(run_dir: PathArg, kind: str | None = None) -> list[dict[str, Any]]:
+    """All complete events of a run, or only those whose `event` is `kind`."""
+    events, _ = read_events(run_dir)
+    return events if kind is None else [e for e in events if e.get("event") == kind]
+
+
+def _last_event(run_dir: Path, kind: str, window: int = 64 * 1024, cap: int = 4 * 1024 * 1024) -> dict | None:
+    """The last `kind` event, reading from the end of the file: 64 KB first, growing only when needed."""
+    try:
+        f = open(run_dir / EVENTS_FILE, "rb")
+    except FileNotFoundError:
+        return None
+    marker = f'"event":"{kind}"'.encode()
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        while True:
+            begin = max(0, size - window)
+            f.seek(begin)
+            lines = f.read(size - begin).split(b"\n")
+            if begin > 0:
+                lines = lines[1:]  # probably cut in the middle
+            for line in reversed(lines):
+                found = _parse_lines(line) if marker in line else []
+                if found and found[0].get("event") == kind:
+                    return found[0]
+            if begin == 0 or window >= cap:
+                return None
+            window *= 4
+
+
+# ---------------------------------------------------------------- listing and deleting
+
+_EPOCH_FIELDS = ("epoch", "train_loss", "valid_loss", "seconds")
+
+
+def _summary(run_dir: Path, current: dict[str, Any]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    epoch = _last_event(run_dir, "epoch")
+    if epoch:
+        metrics = {k: v for k, v in epoch.items() if k not in ("event", "time", *_EPOCH_FIELDS)}
+        nested = metrics.pop("metrics", None)  # accept a nested dict too, though the schema is flat
+        if isinstance(nested, dict):
+            metrics = {**nested, **metrics}
+        summary = {**{k: epoch.get(k) for k in _EPOCH_FIELDS}, "metrics": metrics}
+    begin = current.get("running_at") or current.get("started_at")
+    end = current.get("finished_at") or current.get("updated_at")
+    if current.get("state") in FINAL_STATES and isinstance(begin, (int, float)) and isinstance(end, (int, float)):
+        summary["duration"] = max(0.0, end - begin)
+    return summary
+
+
+def _describe(run_dir: Path) -> dict[str, Any]:
+    problems: list[str] = []
+    config: dict[str, Any] = {}
+    current: dict[str, Any] = {}
+    try:
+        config = read_json(run_dir / CONFIG_FILE)
+        if not isinstance(config, dict):
+            config = {}
+            problems.append(f"{CONFIG_FILE} does not hold a JSON object")
+    except (OSError, ValueError) as exc:
+        problems.append(f"{CONFIG_FILE}: {exc}")
+    try:
+        current = status(run_dir)
+    except (OSError, ValueError) as exc:
+        problems.append(f"{STATUS_FILE}: {exc}")
+    if problems:
+        current = {**current, "state": UNREADABLE, "error": "; ".join(problems)}
+    try:
+        summary = _summary(run_dir, current)
+    except OSError:
+        summary = {}
+    created = current.get("created_at")
+    return {
+        "id": run_dir.name,
+        "path": run_dir,
+        "state": current["state"] if "state" in current else UNREADABLE,
+        "status": current,
+        "config": config,
+        "created_at": created if isinstance(created, (int, float)) else run_dir.stat().st_mtime,
+        "summary": summary,
+        "error": current.get("error"),
+    }
+
+
+def list_runs(root: PathArg | None = None) -> list[dict[str, Any]]:
+    """Every run under `root`, newest first, as dicts: id, path, state, status, config, created_at, summary, error.
+
+    `status` is reconciled (see `status`); `summary` holds the last epoch's epoch, train_loss, valid_loss,
+    seconds and metrics, plus `duration` once final. A run whose files cannot be read is listed with state
+    "unreadable" and the reason in `error`; this never raises for one bad run. Cheap: events.jsonl is read
+    from its end only. `created_at` falls back to the directory's mtime when status.json is unreadable.
+    """
+    base = _root(root)
+    if not base.is_dir():
+        return []
+    runs = [_describe(p) for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    runs.sort(key=lambda run: (run["created_at"], run["id"]), reverse=True)
+    return runs
+
+
+def delete_run(run_dir: PathArg, root: PathArg | None = None) -> None:
+    """Remove a run directory. Refuses (ValueError) a path that is not directly inside the runs root, or an
+    active run (stop it first). A run whose status is unreadable can be deleted."""
+    base = _root(root).resolve()
+    target = Path(run_dir).resolve()  # resolves "..", and a symlink pointing out of the root
+    if target.parent != base or target.name.startswith(".") or not target.is_dir():
+        raise ValueError(f"{run_dir} is not a run directory inside {base}; refusing to delete it.")
+    try:
+        state = status(target).get("state")
+    except (OSError, ValueError):
+        state = None
+    if state in ACTIVE_STATES:
+        raise ValueError(f"Run {target.name} is {state}; stop it before deleting it.")
+    shutil.rmtree(target)

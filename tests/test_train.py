@@ -1,0 +1,310 @@
+"""The training engine, for real on CPU: tiny generated images, a few steps, files asserted afterwards."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core import interpret, runs
+from core.data import DataConfig
+from core.demo import DemoSpec, make_demo_dataset, mislabelled_files
+from core.job import DATASET_RECORD, interpret_run, run_training
+from core.lrfind import lr_find, minimum, slide, steep, suggest, valley
+from core.model import ModelConfig, load_bundle
+from core.train import (
+    BUNDLE,
+    CHECKPOINT,
+    Learner,
+    StopRequested,
+    TrainConfig,
+    TrainingDiverged,
+    make_optimizer,
+    make_scheduler,
+    plan,
+)
+
+
+def tiny_config(path: Path, **overrides) -> TrainConfig:
+    """resnet18 from scratch at 32 px: a few seconds per epoch on two cores."""
+    data_options = dict(size=32, batch_size=16, num_workers=0, max_rotate=0, min_scale=0.75) | overrides.pop("data", {})
+    data = DataConfig(path=str(path), **data_options)
+    model = ModelConfig(arch="resnet18", pretrained=False)
+    defaults = dict(schedule="one_cycle", epochs=2, lr=5e-3)
+    return TrainConfig(data=data, model=model, **{**defaults, **overrides})
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    """The demo dataset: three colour-coded shapes, 5% deliberately in the wrong folder."""
+    return make_demo_dataset(tmp_path_factory.mktemp("shapes") / "demo", DemoSpec(n_per_class=40, size=32, seed=1))
+
+
+@pytest.fixture(scope="module")
+def finished_run(shapes, tmp_path_factory) -> Path:
+    """One complete run (through the same entry point the background process uses), shared by several tests."""
+    cfg = tiny_config(shapes, epochs=6, lr=1e-2, data={"batch_size": 8})
+    run_dir = runs.create(cfg.to_dict(), root=tmp_path_factory.mktemp("runs"))
+    assert run_training(run_dir) == 0
+    return run_dir
+
+
+# ---------------------------------------------------------------- config and schedules
+
+
+def test_config_round_trips_and_refuses_bad_values(tmp_path):
+    cfg = tiny_config(tmp_path)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        TrainConfig(schedule="cosine")
+    with pytest.raises(ValueError, match="lr must be"):
+        TrainConfig(lr=-1)
+    with pytest.raises(ValueError, match="Unknown TrainConfig fields: epoch"):
+        TrainConfig.from_dict({"epoch": 3})
+
+
+def test_fine_tune_plan_is_fastais_recipe():
+    frozen, unfrozen = plan(TrainConfig(lr=2e-3, epochs=4, freeze_epochs=1))
+    assert frozen.frozen and frozen.epochs == 1 and frozen.pct_start == 0.99
+    assert frozen.lrs[-1] == pytest.approx(2e-3)
+    assert not unfrozen.frozen and unfrozen.epochs == 4 and unfrozen.pct_start == 0.3 and unfrozen.div == 5
+    # base_lr halved, then spread geometrically from base/100 to base over the three groups
+    assert unfrozen.lrs == pytest.approx([1e-5, 1e-4, 1e-3])
+
+
+def _annealing_cos(start: float, end: float, pct: float) -> float:
+    return end + (start - end) / 2 * (1 + math.cos(math.pi * pct))
+
+
+def test_one_cycle_follows_the_documented_curve():
+    """Rate: lr_max/25 up to lr_max over 25% of the steps, down to lr_max/1e5; beta1 mirrors it 0.95-0.85-0.95."""
+    cfg, total, lr_max = TrainConfig(), 100, 1e-2
+    phase = plan(TrainConfig(schedule="one_cycle", epochs=1, lr=lr_max))[0]
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(3)]
+    opt = make_optimizer(cfg, [[p] for p in params], phase.lrs)
+    sched = make_scheduler(cfg, opt, phase, steps_per_epoch=total)
+    warm_end = 0.25 * total - 1
+    seen = {}
+    for step in range(total):
+        seen[step] = (opt.param_groups[-1]["lr"], opt.param_groups[-1]["betas"][0])
+        opt.step()
+        sched.step()
+    for step in (0, 10, 24, 50, 99):
+        if step <= warm_end:
+            pct = step / warm_end
+            lr, mom = _annealing_cos(lr_max / 25, lr_max, pct), _annealing_cos(0.95, 0.85, pct)
+        else:
+            pct = (step - warm_end) / (total - 1 - warm_end)
+            lr, mom = _annealing_cos(lr_max, lr_max / 1e5, pct), _annealing_cos(0.85, 0.95, pct)
+        assert seen[step][0] == pytest.approx(lr, rel=1e-6), step
+        assert seen[step][1] == pytest.approx(mom, rel=1e-6), step
+    assert seen[0][0] == pytest.approx(lr_max / 25)
+    assert seen[99][0] == pytest.approx(lr_max / 1e5)
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_a_run_writes_every_file_and_event(finished_run):
+    for name in ("config.json", "status.json", "events.jsonl", CHECKPOINT, BUNDLE, DATASET_RECORD):
+        assert (finished_run / name).exists(), name
+    assert runs.status(finished_run)["state"] == runs.DONE
+    kinds = [e["event"] for e in runs.load_events(finished_run)]
+    assert kinds[0] == "start" and kinds[-1] == "done"
+    for kind in ("batch", "epoch", "checkpoint", "exported", "interpreted"):
+        assert kind in kinds, kind
+    epochs = runs.load_events(finished_run, "epoch")
+    assert [e["epoch"] for e in epochs] == list(range(6))
+    assert set(epochs[0]) >= {"train_loss", "valid_loss", "error_rate", "accuracy", "seconds"}
+    batch = runs.load_events(finished_run, "batch")[0]
+    assert set(batch) >= {"step", "loss", "smooth_loss", "lr", "mom", "batch", "n_batches"}
+
+
+def test_loss_goes_down_and_beats_chance(finished_run):
+    epochs = runs.load_events(finished_run, "epoch")
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    assert epochs[-1]["valid_loss"] < math.log(3)  # below a uniform guess over 3 classes
+    assert epochs[-1]["error_rate"] < 0.35  # chance is 0.67
+
+
+def test_per_item_losses_cover_every_training_item_each_epoch(finished_run):
+    record = runs.load_events(finished_run, "start")[0]
+    for epoch in range(6):
+        saved = np.load(finished_run / "item_losses" / f"epoch_{epoch:03d}.npz")
+        assert len(saved["item"]) == len(set(saved["item"].tolist()))
+        # drop_last leaves out at most one batch's worth of items
+        assert record["n_train"] - 8 < len(saved["item"]) <= record["n_train"]
+        assert np.isfinite(saved["loss"]).all()
+
+
+def test_mislabelled_files_rank_near_the_top(finished_run, shapes):
+    table = interpret_run(finished_run, "train")
+    ranked = interpret.top_losses(table)["file"].tolist()
+    wrong = [str(p.resolve()) for p in mislabelled_files(shapes)]
+    in_train = [f for f in wrong if f in ranked]
+    assert in_train, "the demo should put some mislabelled files in the training set"
+    ranks = [ranked.index(f) / len(ranked) for f in in_train]
+    assert np.median(ranks) < 0.15, ranks
+
+
+def test_exported_bundle_predicts_like_the_interpretation_table(finished_run):
+    from core.data import open_image
+    from core.model import predict_probs
+
+    table = interpret.load_table(interpret.table_path(finished_run, "valid"))
+    bundle = load_bundle(finished_run / BUNDLE, device="cpu")
+    rows = table.head(5)
+    probs = predict_probs(bundle, [open_image(f) for f in rows["file"]]).numpy()
+    assert np.allclose(probs, interpret.table_probs(rows, bundle.meta.vocab), atol=1e-4)
+    assert bundle.meta.config["epochs"] == 6  # the config travels with the model
+
+
+def test_stop_then_resume_matches_an_uninterrupted_run(shapes, tmp_path):
+    cfg = tiny_config(shapes, epochs=2)
+    whole = Learner(cfg)
+    whole.fit()
+
+    calls = {"n": 0}
+
+    def stop_after_seven_batches() -> bool:
+        calls["n"] += 1
+        return calls["n"] == 7  # mid-way through the second epoch
+
+    first = Learner(cfg, run_dir=tmp_path, should_stop=stop_after_seven_batches)
+    with pytest.raises(StopRequested):
+        first.fit()
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    assert (state["epoch"], state["batch"]) == (1, 1)
+    resumed = Learner(cfg, run_dir=tmp_path)
+    resumed.fit(state)
+    assert [r["epoch"] for r in resumed.history] == [0, 1]
+    for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5)
+    assert resumed.history[-1]["valid_loss"] == pytest.approx(whole.history[-1]["valid_loss"], rel=1e-4)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(shapes, tmp_path):
+    run_dir = runs.create(tiny_config(shapes, epochs=3, lr=1e-2).to_dict(), root=tmp_path)
+    learner = Learner(tiny_config(shapes, epochs=3, lr=1e-2), run_dir=run_dir)
+    learner.fit_one_cycle(1, 1e-2)
+    good = (run_dir / CHECKPOINT).read_bytes()
+    with pytest.raises(TrainingDiverged, match="learning rate .* too high"):
+        learner.fit_one_cycle(2, 1e6)
+    assert (run_dir / CHECKPOINT).read_bytes() == good
+
+
+def test_a_diverging_run_ends_failed_with_the_reason(shapes, tmp_path):
+    run_dir = runs.create(tiny_config(shapes, epochs=1, lr=1e3, optimizer="sgd").to_dict(), root=tmp_path)
+    assert run_training(run_dir) == 1
+    status = runs.status(run_dir)
+    assert status["state"] == runs.FAILED and "TrainingDiverged" in status["error"]
+    error = runs.load_events(run_dir, "error")[0]
+    assert "too high" in error["message"] and "Traceback" in error["traceback"]
+
+
+def test_fine_tune_freezes_then_trains_everything(shapes):
+    cfg = tiny_config(shapes, schedule="fine_tune", epochs=1, freeze_epochs=1)
+    learner = Learner(cfg)
+    body_before = [p.detach().clone() for n, p in learner.model[0].named_parameters() if "bn" not in n]
+    history = learner.fine_tune(1, base_lr=2e-3, freeze_epochs=1)
+    assert len(history) == 2
+    changed = [not torch.equal(a, b) for a, b in zip(body_before, [p for n, p in learner.model[0].named_parameters() if "bn" not in n])]
+    assert all(changed)  # the unfrozen epoch moved the convolutions too
+
+
+def test_progressive_resizing_starts_from_the_previous_run(finished_run, shapes):
+    cfg = tiny_config(shapes, epochs=1, init_from=str(finished_run), data={"size": 48})
+    learner = Learner(cfg)
+    source = load_bundle(finished_run / BUNDLE, device="cpu").model.state_dict()
+    for key, value in learner.model.state_dict().items():
+        assert torch.equal(value.cpu(), source[key]), key
+    x, _, _ = next(iter(learner.dls.train))
+    assert x.shape[-2:] == (48, 48)
+
+
+def test_early_stopping_and_keep_best(shapes, tmp_path):
+    run_dir = runs.create(tiny_config(shapes, schedule="plateau", epochs=6, lr=1e-6, early_stopping=1, keep_best=True).to_dict(), root=tmp_path)
+    assert run_training(run_dir) == 0
+    epochs = runs.load_events(run_dir, "epoch")
+    assert len(epochs) < 6 and runs.load_events(run_dir, "early_stop")
+    assert (run_dir / "best.pt").exists()
+
+
+# ---------------------------------------------------------------- multi-label
+
+
+@pytest.fixture(scope="module")
+def multi_label_data(tmp_path_factory) -> Path:
+    """A Planet-style CSV: each image has a red and/or a blue bar; labels are space-separated."""
+    root = tmp_path_factory.mktemp("planet")
+    rng = np.random.default_rng(0)
+    rows = ["image_name,tags"]
+    for i in range(90):
+        red, blue = [(True, False), (False, True), (True, True)][i % 3]
+        pixels = rng.integers(0, 40, size=(32, 32, 3), dtype=np.uint8)
+        if red:
+            pixels[2:12, :, 0] = 230
+        if blue:
+            pixels[20:30, :, 2] = 230
+        from PIL import Image
+
+        Image.fromarray(pixels).save(root / f"train_{i}.png")
+        rows.append(f"train_{i}," + " ".join(t for t, on in (("red", red), ("blue", blue)) if on))
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_multi_label_run_reports_fbeta(multi_label_data, tmp_path):
+    run_dir = runs.create(tiny_config(multi_label_data, epochs=3, lr=1e-2, data={"flip": False}).to_dict(), root=tmp_path)
+    assert run_training(run_dir) == 0
+    last = runs.load_events(run_dir, "epoch")[-1]
+    assert "fbeta_2" in last and "accuracy_multi" in last
+    assert last["fbeta_2"] > 0.8
+    table = interpret.load_table(interpret.table_path(run_dir, "valid"))
+    assert interpret.is_multi_label(table)
+    assert load_bundle(run_dir / BUNDLE, device="cpu").meta.task == "multi_label"
+
+
+# ---------------------------------------------------------------- LR finder
+
+
+def test_lr_find_restores_weights_exactly_and_suggests_rates_inside_the_sweep(shapes):
+    learner = Learner(tiny_config(shapes, schedule="fine_tune"))
+    before = {k: v.clone() for k, v in learner.model.state_dict().items()}
+    grads_before = {n: p.requires_grad for n, p in learner.model.named_parameters()}
+    result = lr_find(learner, num_it=40, start_lr=1e-6, end_lr=10)
+    after = learner.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert grads_before == {n: p.requires_grad for n, p in learner.model.named_parameters()}
+    assert 5 < len(result.lrs) <= 40
+    assert result.lrs == sorted(result.lrs)
+    assert set(result.suggestions) >= {"valley", "minimum"}
+    for lr in result.suggestions.values():
+        assert math.isfinite(lr) and 1e-7 <= lr <= 10
+
+
+def test_lr_find_works_unfrozen(shapes):
+    learner = Learner(tiny_config(shapes))
+    result = lr_find(learner, num_it=20, frozen=False)
+    assert len(result.lrs) >= 5
+
+
+def _synthetic_curve(n: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """Flat, then falling steadily between 1e-4 and 1e-2, then exploding."""
+    lrs = np.logspace(-7, 1, n)
+    x = np.log10(lrs)
+    losses = np.where(x < -4, 2.0, np.where(x < -2, 2.0 - 0.7 * (x + 4), 0.6 + 3 * (x + 2) ** 2))
+    return lrs, losses
+
+
+def test_suggestions_are_pure_functions_of_the_curve():
+    lrs, losses = _synthetic_curve()
+    assert 1e-4 <= valley(lrs, losses) <= 1e-2
+    assert 1e-4 <= steep(lrs, losses) <= 1e-2
+    best = lrs[np.argmin(losses)]
+    assert minimum(lrs, losses) == pytest.approx(best / 10)
+    assert 1e-7 <= slide(lrs, losses) <= 10
+    assert suggest(lrs, losses).keys() == {"valley", "steep", "minimum", "slide"}
