@@ -1,11 +1,23 @@
-"""Loupe: build image classifiers the fast.ai way. Start with `streamlit run app.py`."""
+"""Loupe: build image classifiers the fast.ai way. Start it with `streamlit run app.py`."""
 
 import streamlit as st
 
+from ui.sidebar import render_sidebar
+
 st.set_page_config(page_title="Loupe", page_icon=":material/center_focus_strong:", layout="wide")
-st.title("Loupe")
-st.write(
-    "Look at your images, fine-tune a pretrained CNN in a few epochs, let the model show you its worst "
-    "mistakes, clean the labels, retrain, and use the model on new images."
-)
-st.info("The Data, Train, Interpret, Clean, Predict and Runs pages are being built.")
+
+pages = {
+    "Data": [st.Page("pages/data.py", title="Data", icon=":material/photo_library:", default=True)],
+    "Train": [st.Page("pages/train.py", title="Train", icon=":material/model_training:")],
+    "Analyse": [
+        st.Page("pages/interpret.py", title="Interpret", icon=":material/insights:"),
+        st.Page("pages/clean.py", title="Clean", icon=":material/cleaning_services:"),
+    ],
+    "Use": [
+        st.Page("pages/predict.py", title="Predict", icon=":material/image_search:"),
+        st.Page("pages/runs.py", title="Runs", icon=":material/history:"),
+    ],
+}
+page = st.navigation(pages)
+render_sidebar()
+page.run()

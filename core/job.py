@@ -206,14 +206,31 @@ def interpret_run(run_dir: str | Path, split: str = "valid"):
 
 
 def run_lr_find(run_dir: str | Path, num_it: int = 100, start_lr: float = 1e-7, end_lr: float = 10.0) -> LRFindResult:
-    """Sweep learning rates for the config in `run_dir`; the curve goes to events.jsonl and lr_find.json."""
+    """Sweep learning rates for the config in `run_dir`; the curve goes to events.jsonl and lr_find.json,
+    and status.json follows it (running, then done or failed) so a page can watch it like a training run."""
     run_dir = Path(run_dir)
     with runs.EventWriter(run_dir) as writer:
-        learner = Learner(load_config(run_dir), run_dir=run_dir)
-        result = lr_find(learner, num_it, start_lr, end_lr, on_step=lambda lr, loss: writer.emit("lr_find", lr=lr, loss=loss))
-        writer.emit("lr_find_done", suggestions=result.suggestions)
-    atomic_write_json(run_dir / LR_FIND_FILE, result.to_dict())
-    return result
+        try:
+            with runs.acquire_compute_lock(run_dir.parent):
+                runs.mark_running(run_dir)
+                learner = Learner(load_config(run_dir), run_dir=run_dir)
+                on_step = lambda lr, loss: writer.emit("lr_find", lr=lr, loss=loss)  # noqa: E731
+                result = lr_find(learner, num_it, start_lr, end_lr, on_step=on_step)
+            atomic_write_json(run_dir / LR_FIND_FILE, result.to_dict())
+            writer.emit("lr_find_done", suggestions=result.suggestions)
+            runs.mark_finished(run_dir, runs.DONE, task="lr_find")
+            return result
+        except Exception as e:
+            message = f"{type(e).__name__}: {e}"
+            writer.emit("error", message=message, traceback=traceback.format_exc())
+            runs.mark_finished(run_dir, runs.FAILED, error=message, task="lr_find")
+            raise
+
+
+def load_lr_find(run_dir: str | Path) -> LRFindResult | None:
+    """The saved LR-finder curve of a run, or None when it has none yet."""
+    path = Path(run_dir) / LR_FIND_FILE
+    return LRFindResult(**read_json(path)) if path.exists() else None
 
 
 def has_checkpoint(run_dir: str | Path) -> bool:

@@ -292,8 +292,8 @@ def _last_sign_of_life(run_dir: Path) -> float:
 # ---------------------------------------------------------------- launching, stopping, killing
 
 
-def _command(run_dir: Path, extra_args: list[str], gpus: int, module: str) -> list[str]:
-    train = ["-m", module, "train", "--run-dir", str(run_dir), *extra_args]
+def _command(run_dir: Path, extra_args: list[str], gpus: int, module: str, task: str) -> list[str]:
+    train = ["-m", module, task, "--run-dir", str(run_dir), *extra_args]
     if gpus == 1:
         return [sys.executable, *train]
     # --standalone: a private rendezvous on a free port, so two multi-GPU runs never fight over port 29500.
@@ -307,8 +307,12 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def start(run_dir: PathArg, extra_args: list[str] | None = None, gpus: int = 1, *, module: str = "core") -> int:
-    """Launch `python -m <module> train --run-dir RUN` (under torchrun when gpus > 1) and return its pid.
+def start(
+    run_dir: PathArg, extra_args: list[str] | None = None, gpus: int = 1, *, module: str = "core", task: str = "train"
+) -> int:
+    """Launch `python -m <module> <task> --run-dir RUN` (under torchrun when gpus > 1) and return its pid.
+
+    `task` is "train" or "lr-find": the LR finder runs in the background the same way, streaming its curve.
 
     The child runs in its own session, so a Streamlit rerun, a reload or Ctrl-C of the app never kills it;
     its stdout and stderr are appended to train.log. status becomes queued with the pid; the child flips it
@@ -321,12 +325,13 @@ def start(run_dir: PathArg, extra_args: list[str] | None = None, gpus: int = 1, 
     state = status(run_dir).get("state")
     if state in ACTIVE_STATES:
         raise ValueError(f"Run {run_dir.name} is already {state}.")
-    command = _command(run_dir, list(extra_args or []), gpus, module)
+    command = _command(run_dir, list(extra_args or []), gpus, module, task)
     clear_stop(run_dir)
     # Queued before the launch and the pid after it: the second write merges only the pid, so a fast child's
     # "running" is never overwritten by the parent.
     write_status(run_dir, state=QUEUED, pid=None, started_at=time.time(), running_at=None, finished_at=None,
-                 pid_started=None, error=None, note=None, returncode=None, kill_signal=None, command=command)
+                 pid_started=None, error=None, note=None, returncode=None, kill_signal=None, command=command,
+                 task=task)
     try:
         with open(run_dir / LOG_FILE, "ab") as log:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")

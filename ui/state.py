@@ -1,0 +1,66 @@
+"""What the user has selected, kept as plain ids in st.session_state; the workspace on disk is the truth."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import streamlit as st
+
+from core import runs
+from core.env import runs_dir, workspace_dir
+from core.fileio import atomic_write_json
+
+DATASET_KEY = "dataset"
+RUN_KEY = "run_id"
+RECENT_FILE = "recent.json"
+MAX_RECENT = 8
+
+
+def demo_path() -> Path:
+    return workspace_dir() / "demo"
+
+
+def recent_datasets() -> list[str]:
+    """Dataset folders opened before, newest first, that still exist."""
+    path = workspace_dir() / RECENT_FILE
+    try:
+        folders = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    return [f for f in folders if isinstance(f, str) and Path(f).is_dir()]
+
+
+def current_dataset() -> str | None:
+    """The dataset folder in use: this session's choice, else the most recent one."""
+    if DATASET_KEY not in st.session_state:
+        recent = recent_datasets()
+        st.session_state[DATASET_KEY] = recent[0] if recent else None
+    return st.session_state[DATASET_KEY]
+
+
+def set_dataset(folder: str | Path) -> None:
+    folder = str(Path(folder).expanduser().resolve())
+    st.session_state[DATASET_KEY] = folder
+    recent = [folder] + [f for f in recent_datasets() if f != folder]
+    atomic_write_json(workspace_dir() / RECENT_FILE, recent[:MAX_RECENT])
+
+
+def run_path(run_id: str) -> Path:
+    return runs_dir() / run_id
+
+
+def current_run() -> Path | None:
+    """The run selected in this session, if it still exists; else the newest run."""
+    run_id = st.session_state.get(RUN_KEY)
+    if run_id and run_path(run_id).is_dir():
+        return run_path(run_id)
+    listing = runs.list_runs(runs_dir())
+    if not listing:
+        return None
+    st.session_state[RUN_KEY] = listing[0]["id"]
+    return Path(listing[0]["path"])
+
+
+def set_run(run_id: str | None) -> None:
+    st.session_state[RUN_KEY] = run_id
