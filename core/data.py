@@ -70,6 +70,8 @@ class DataConfig:
     max_lighting: float = 0.2  # random brightness and contrast change up to this share (0 turns it off)
     num_workers: int | None = None  # DataLoader worker processes; None picks from the cores available
     max_pixels: int = DEFAULT_MAX_PIXELS  # images declaring more pixels are refused as decompression bombs
+    extra_train: list[str] = field(default_factory=list)  # one-folder-per-class datasets (e.g. Predict's
+    # feedback) whose images join the training side only, so validation stays comparable between runs
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -615,7 +617,27 @@ def prepare(cfg: DataConfig) -> tuple[DataSource, list[BadImage], Split]:
     source = source.without({b.path for b in bad})
     if not source.files:
         raise DataError(f"Every image in {str(source.root)!r} failed to load; first reason: {bad[0].reason}.")
-    return source, bad, split_items(source, cfg)
+    split = split_items(source, cfg)
+    for folder in cfg.extra_train:
+        extra = load_source(DataConfig(path=folder, layout="folders"))
+        extra_bad = verify_images(extra.files, cfg.max_pixels)
+        source, split = _add_to_train(source, split, extra.without({b.path for b in extra_bad}))
+        bad += extra_bad
+    return source, bad, split
+
+
+def _add_to_train(source: DataSource, split: Split, extra: DataSource) -> tuple[DataSource, Split]:
+    n = len(source)
+    added = np.arange(n, n + len(extra))
+    merged = replace(
+        source,
+        files=source.files + extra.files,
+        labels=source.labels + extra.labels,
+        vocab=sorted(set(source.vocab) | set(extra.vocab)),
+        fixed_split=None if source.fixed_split is None else source.fixed_split + ["train"] * len(extra),
+        groups=None if source.groups is None else source.groups + [str(f) for f in extra.files],
+    )
+    return merged, replace(split, train=np.concatenate([split.train, added]))
 
 
 def make_loader(source: DataSource, ids: np.ndarray, cfg: DataConfig, train: bool, device: torch.device | None = None) -> DataLoader:
@@ -660,10 +682,15 @@ def source_record(source: DataSource, split: Split) -> dict:
         "vocab": source.vocab,
         "multi_label": source.multi_label,
         "items": [
-            {"file": f.relative_to(source.root).as_posix(), "labels": list(ls), "split": str(sd)}
+            {"file": _relative_if_inside(f, source.root), "labels": list(ls), "split": str(sd)}
             for f, ls, sd in zip(source.files, source.labels, side)
         ],
     }
+
+
+def _relative_if_inside(path: Path, root: Path) -> str:
+    """Relative to the dataset root when inside it (extra training folders are kept absolute)."""
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
 
 
 def source_from_record(record: dict) -> tuple[DataSource, Split]:

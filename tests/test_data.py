@@ -526,3 +526,19 @@ def test_real_bear_photos():
     assert len(source) == 517 and bad == []
     assert {source.labels[i][0] for i in split.valid} == set(source.vocab)
     _assert_partition(split, len(source))
+
+
+def test_extra_training_folders_join_the_train_side_only(demo_dataset, tmp_path, write_image):
+    from core.data import prepare, source_from_record, source_record
+
+    feedback = tmp_path / "feedback"
+    for i in range(3):
+        write_image(feedback / "circle" / f"fb_{i}.png", (250, 10, 10))
+    write_image(feedback / "hexagon" / "fb_new.png", (10, 10, 250))
+    source, bad, split = prepare(DataConfig(path=str(demo_dataset), extra_train=[str(feedback)]))
+    extra = {i for i, f in enumerate(source.files) if f.is_relative_to(feedback.resolve())}
+    assert len(extra) == 4 and extra <= set(split.train.tolist())
+    assert not extra & set(split.valid.tolist())
+    assert "hexagon" in source.vocab and source.vocab == sorted(source.vocab)
+    rebuilt, rebuilt_split = source_from_record(source_record(source, split))
+    assert rebuilt.files == source.files and rebuilt_split.train.tolist() == sorted(split.train.tolist())
