@@ -31,6 +31,8 @@ def _data_and_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--group-regex", help="keep items whose paths share this match on one side of the split")
     p.add_argument("--workers", type=int, help="DataLoader workers (default: from the cores available)")
+    p.add_argument("--extra-train", action="append", default=[], metavar="FOLDER",
+                   help="a one-folder-per-class dataset added to training only, e.g. Predict's feedback (repeatable)")
     p.add_argument("--schedule", default="fine_tune", choices=SCHEDULES)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--freeze-epochs", type=int, default=1)
@@ -57,6 +59,7 @@ def _config_from_args(a: argparse.Namespace) -> TrainConfig:
         seed=a.seed,
         group_regex=a.group_regex,
         num_workers=a.workers,
+        extra_train=[str(Path(f).expanduser().resolve()) for f in a.extra_train],
         **({"label_regex": a.label_regex} if a.label_regex else {}),
     )
     model = ModelConfig(arch=a.arch, pretrained=not a.no_pretrained, weights_path=a.weights_path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +13,10 @@ from PIL import Image
 from core.demo import DemoSpec, make_demo_dataset
 
 WriteImage = Callable[..., Path]
+
+# Tests never write into the repository's ./workspace: every test process gets a workspace of its own
+# (tests that need a specific one still set LOUPE_HOME themselves).
+os.environ.setdefault("LOUPE_HOME", tempfile.mkdtemp(prefix="loupe-tests-"))
 
 
 def write_solid_image(path: Path, colour: tuple[int, int, int] = (200, 30, 30), size: int = 8) -> Path:
