@@ -132,7 +132,7 @@ def cmd_interpret(a: argparse.Namespace) -> int:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
-    from core.data import open_image
+    from core.images import open_image
     from core.model import load_bundle, predict
 
     bundle = load_bundle(a.model)

@@ -12,18 +12,18 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.transforms import v2
 
+from core.augment import presize_side
 from core.env import default_num_workers
+from core.imagecache import DecodedImages
+from core.images import DEFAULT_MAX_PIXELS, BadImage, DataError, verify_images
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 LAYOUTS = ("auto", "folders", "split_folders", "filename_regex", "csv")
@@ -34,15 +34,7 @@ LAYOUT_NAMES = {
     "csv": "labels in a CSV file",
 }
 VALID_DIR_NAMES = ("valid", "val", "validation")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# Far above any photo (~89 Mpx), far below what a decompression bomb declares.
-DEFAULT_MAX_PIXELS = 89_478_485
 PETS_REGEX = r"^(.+)_\d+\.\w+$"
-
-
-class DataError(ValueError):
-    """A problem with the user's dataset, with a message meant for them."""
 
 
 @dataclass
@@ -422,142 +414,27 @@ def _group_split(groups: list[str], strata: list[str] | None, valid_pct: float, 
     return np.array(sorted(valid), dtype=int)
 
 
-# ---------------------------------------------------------------- images
-
-
-@dataclass(frozen=True)
-class BadImage:
-    path: Path
-    reason: str
-
-
-def check_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
-    """Why the image at `path` cannot be used, or None when it decodes.
-
-    Reads the header first, so a decompression bomb is refused by its declared size and never
-    decoded; JPEGs are then decoded at reduced scale (`draft`), which still finds truncation.
-    """
-    path = Path(path)
-    try:
-        if path.stat().st_size == 0:
-            return "empty file (0 bytes)"
-        with Image.open(path) as img:
-            width, height = img.size
-            if width * height > max_pixels:
-                return f"decompression bomb: declares {width}x{height} pixels, over the {max_pixels:,} limit"
-            if width < 1 or height < 1:
-                return f"no pixels ({width}x{height})"
-            img.draft("RGB", (64, 64))
-            img.load()
-    except FileNotFoundError:
-        return "file not found (moved or deleted)"
-    except Image.DecompressionBombError as e:
-        return f"decompression bomb: {e}"
-    except OSError as e:
-        if "cannot identify image file" in str(e):
-            return "not an image (content is not a known image format)"
-        return f"cannot be decoded: {e}"
-    except (ValueError, SyntaxError, EOFError, Image.DecompressionBombWarning) as e:
-        return f"cannot be decoded: {e}"
-    return None
-
-
-def verify_images(paths: list[Path], max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None) -> list[BadImage]:
-    """Files among `paths` that cannot be used as images, each with the reason, checked in parallel."""
-    workers = workers or min(8, (os.cpu_count() or 1) * 2)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        reasons = list(pool.map(lambda p: check_image(p, max_pixels), paths, chunksize=32))
-    return [BadImage(Path(p), r) for p, r in zip(paths, reasons) if r is not None]
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode as 8-bit RGB: 16-bit scaled (not clipped), transparency over white, CMYK converted."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    elif img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = arr.min(initial=0), arr.max(initial=1)
-        img = Image.fromarray(((arr - lo) / max(hi - lo, 1e-12) * 255).astype(np.uint8), "L")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
-    return img.convert("RGB") if img.mode != "RGB" else img
-
-
-def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None = None) -> Image.Image:
-    """Open an image upright (EXIF orientation applied) as RGB, refusing decompression bombs.
-
-    `draft` lets JPEGs decode at a reduced scale that is still at least draft x draft: far faster for
-    thumbnails and small training sizes, and no loss once the image is resized down anyway.
-    """
-    try:
-        img = Image.open(path)
-    except Image.DecompressionBombError as e:  # PIL's own refusal, at twice its limit: one error type for callers
-        raise DataError(f"{Path(path).name}: decompression bomb: {e}") from None
-    with img:
-        if img.width * img.height > max_pixels:
-            raise DataError(f"{Path(path).name}: declares {img.width}x{img.height} pixels, over the {max_pixels:,} limit.")
-        if draft:
-            img.draft(None, (draft, draft))
-        img.load()  # animated GIFs and multi-page TIFFs: the first frame
-        return to_rgb(ImageOps.exif_transpose(img))
-
-
-# ---------------------------------------------------------------- transforms
-
-
-def _to_model_input(mean=IMAGENET_MEAN, std=IMAGENET_STD) -> list[v2.Transform]:
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-
-
-def valid_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose:
-    """Resize the shorter side to `size`, centre-crop a square, normalise; used for validation and prediction."""
-    return v2.Compose([v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(size), *_to_model_input(mean, std)])
-
-
-def train_transform(cfg: DataConfig) -> v2.Compose:
-    """Random resized crop, flips, small rotations and lighting, applied to uint8 tensors before normalising."""
-    steps: list[v2.Transform] = [
-        v2.ToImage(),
-        v2.RandomResizedCrop(cfg.size, scale=(cfg.min_scale, 1.0), antialias=True),
-    ]
-    if cfg.flip:
-        steps.append(v2.RandomHorizontalFlip())
-    if cfg.flip_vert:
-        steps += [v2.RandomVerticalFlip(), v2.RandomChoice([v2.RandomRotation((a, a)) for a in (0, 90, 180, 270)])]
-    if cfg.max_rotate > 0:
-        steps.append(v2.RandomRotation(cfg.max_rotate))
-    if cfg.max_lighting > 0:
-        steps.append(v2.ColorJitter(brightness=cfg.max_lighting, contrast=cfg.max_lighting))
-    return v2.Compose(steps + _to_model_input())
-
-
 # ---------------------------------------------------------------- datasets and loaders
 
 
 class ImageDataset(Dataset):
-    """Some items of a source; yields (image tensor, target, item index in the source), or None for a
-    file that fails to load."""
+    """Some items of a source; yields (presized uint8 image [3, S, S], target, item index in the source),
+    or None for a file that fails to load. Augmentation happens later, on whole batches (core.augment)."""
 
-    def __init__(self, source: DataSource, ids: np.ndarray, transform, max_pixels: int = DEFAULT_MAX_PIXELS):
-        self.files = [source.files[i] for i in ids]
+    def __init__(self, source: DataSource, ids: np.ndarray, side: int, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.images = DecodedImages([source.files[i] for i in ids], side, max_pixels=max_pixels)
         self.targets = source.targets()[torch.as_tensor(ids, dtype=torch.long)]
-        self.ids, self.transform, self.max_pixels = [int(i) for i in ids], transform, max_pixels
+        self.ids = [int(i) for i in ids]
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.ids)
 
     def __getitem__(self, i: int):
         try:
-            img = open_image(self.files[i], self.max_pixels)
+            image = self.images[i]
         except (OSError, ValueError, SyntaxError):
             return None  # vanished or changed since it was verified: skipped, and visible as a missing index
-        return self.transform(img), self.targets[i], self.ids[i]
+        return torch.from_numpy(image), self.targets[i], self.ids[i]
 
 
 def collate_skipping_failed(batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -641,11 +518,10 @@ def _add_to_train(source: DataSource, split: Split, extra: DataSource) -> tuple[
 
 
 def make_loader(source: DataSource, ids: np.ndarray, cfg: DataConfig, train: bool, device: torch.device | None = None) -> DataLoader:
-    """A DataLoader over some items of `source`: augmented and shuffled per epoch when `train`, else in order."""
+    """A DataLoader of presized uint8 batches over some items of `source`: shuffled per epoch when `train`."""
     workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
-    transform = train_transform(cfg) if train else valid_transform(cfg.size)
     return DataLoader(
-        ImageDataset(source, ids, transform, cfg.max_pixels),
+        ImageDataset(source, ids, presize_side(cfg.size), cfg.max_pixels),
         batch_size=cfg.batch_size,
         sampler=EpochSampler(len(ids), cfg.seed) if train else None,
         # A last batch of one image breaks BatchNorm in training mode, so full batches only.

@@ -133,7 +133,7 @@ def lr_find(
             lr = start_lr * (end_lr / start_lr) ** (i / max(num_it - 1, 1))
             for g in opt.param_groups:
                 g["lr"] = lr
-            x, y = learner.to_device(x, y)
+            x, y = learner.to_device(x, y, train=True)
             with learner.autocast():
                 loss = per_item(learner.loss_fn(learner.model(x), y)).mean()
             opt.zero_grad(set_to_none=True)

@@ -21,9 +21,9 @@ import torch
 from PIL import Image, ImageOps
 from torch import nn
 from torchvision.models import get_model, get_model_weights
-from torchvision.transforms import v2
 
-from core.data import IMAGENET_MEAN, IMAGENET_STD, to_rgb, valid_transform
+from core.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, presize, presize_side, resize_batch
+from core.images import to_rgb
 from core.env import resolve_device
 from core.fileio import atomic_write
 
@@ -469,26 +469,25 @@ def load_bundle(path: str | Path, device: torch.device | str | None = None) -> B
 # ---------------------------------------------------------------------------------------------- prediction
 
 
-def preprocess_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    """Validation-time transform, the same one the validation set uses (shorter side, centre crop, normalise)."""
-    return valid_transform(size, tuple(mean), tuple(std))
-
-
 def prepare_image(image: Image.Image) -> Image.Image:
     """Apply the EXIF orientation (phone photos are stored sideways) and convert any mode to RGB."""
     return to_rgb(ImageOps.exif_transpose(image))
 
 
+def preprocess(bundle: Bundle, images: Sequence[Image.Image]) -> torch.Tensor:
+    """A normalised float batch on the bundle's device, made exactly as validation batches are made."""
+    side, size = presize_side(bundle.meta.size), bundle.meta.size
+    raw = torch.stack([torch.from_numpy(presize(prepare_image(im), side)) for im in images])
+    return normalize(resize_batch(raw.to(bundle.device), size), bundle.meta.mean, bundle.meta.std)
+
+
 def predict_probs(bundle: Bundle, images: Sequence[Image.Image], batch_size: int = 64) -> torch.Tensor:
     """Probabilities [N, n_out] on the CPU: softmax for single-label, sigmoid for multi-label."""
     meta, model = bundle.meta, bundle.model.eval()
-    tfm = preprocess_transform(meta.size, meta.mean, meta.std)
-    device = bundle.device
     outs = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            batch = torch.stack([tfm(prepare_image(im)) for im in images[start : start + batch_size]])
-            logits = model(batch.to(device)).float()
+            logits = model(preprocess(bundle, images[start : start + batch_size])).float()
             probs = logits.softmax(dim=1) if meta.task == "single_label" else logits.sigmoid()
             outs.append(probs.cpu())
     return torch.cat(outs) if outs else torch.empty(0, meta.n_out)

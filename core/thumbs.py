@@ -11,7 +11,7 @@ import io
 import os
 from pathlib import Path
 
-from core.data import DEFAULT_MAX_PIXELS, open_image
+from core.images import DEFAULT_MAX_PIXELS, open_image
 from core.env import workspace_dir
 from core.fileio import atomic_write_bytes
 

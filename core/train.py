@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from core import interpret
+from core.augment import BatchAugment, normalize, resize_batch
 from core.data import DataConfig, DataLoaders, make_dataloaders
 from core.env import resolve_device, seed_everything
 from core.fileio import atomic_write
@@ -192,6 +193,7 @@ class Learner:
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.loss_fn = make_loss(cfg, self.dls.multi_label)
+        self.augment = BatchAugment.from_config(cfg.data)
         self.on_event = on_event or (lambda kind, **f: None)
         self.should_stop = should_stop or (lambda: False)
         self.run_dir = Path(run_dir) if run_dir else None
@@ -220,9 +222,13 @@ class Learner:
         dtype = self.amp_dtype
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
-    def to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def to_device(self, x: torch.Tensor, y: torch.Tensor, train: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 batch in, normalised float batch out, on the device: augmented (train) or resized (eval).
+        The bytes cross to the GPU before any float work, a quarter of the traffic of float images."""
+        x = x.to(self.device, non_blocking=True)
+        x = normalize(self.augment(x) if train else resize_batch(x, self.cfg.data.size))
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        return x.to(self.device, non_blocking=True, memory_format=fmt), y.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=fmt), y.to(self.device, non_blocking=True)
 
     # ---------------------------------------------------------------- the public recipes
 
@@ -312,7 +318,7 @@ class Learner:
         return total / max(count, 1)
 
     def _train_step(self, x, y, ids, ctx: dict, item_ids: list, item_losses: list) -> float:
-        x, y = self.to_device(x, y)
+        x, y = self.to_device(x, y, train=True)
         with self.autocast():
             losses = per_item(self.loss_fn(self.model(x), y))
         loss = losses.mean()

@@ -17,18 +17,15 @@ from core.data import (
     DataConfig,
     DataError,
     DataSource,
-    check_image,
     detect_layout,
     list_images,
     load_source,
     make_dataloaders,
-    open_image,
     prepare,
     split_items,
-    train_transform,
-    valid_transform,
-    verify_images,
 )
+from core.augment import presize_side
+from core.images import check_image, open_image, verify_images
 from core.demo import DemoSpec, make_demo_dataset, mislabelled_files
 
 BEARS = Path(__file__).resolve().parents[2] / "shared" / "data" / "bears"
@@ -384,20 +381,6 @@ def test_exif_orientation_is_applied(tmp_path):
     assert open_image(path).size == (8, 16)
 
 
-# ---------------------------------------------------------------- transforms
-
-
-def test_transforms_shapes_normalisation_and_determinism():
-    img = Image.new("RGB", (40, 24), (10, 10, 10))
-    x = train_transform(DataConfig(size=32))(img)
-    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
-    assert x.max() < 0  # a near-black image is below the ImageNet mean everywhere: normalised
-    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8))
-    tf = valid_transform(32)
-    assert tf(noise).shape == (3, 32, 32) and torch.equal(tf(noise), tf(noise))
-    assert train_transform(DataConfig(size=16, flip_vert=True))(noise).shape == (3, 16, 16)
-
-
 # ---------------------------------------------------------------- loaders
 
 
@@ -405,7 +388,8 @@ def _check_batches(loader, source: DataSource) -> list[int]:
     """Each batch is (x, y, idx) with y the label of source item idx; returns every idx seen."""
     seen = []
     for x, y, idx in loader:
-        assert x.shape[1:] == (3, 32, 32) and x.dtype == torch.float32 and len(y) == len(idx) == len(x)
+        side = presize_side(32)  # batches are presized uint8; augmentation happens on the device
+        assert x.shape[1:] == (3, side, side) and x.dtype == torch.uint8 and len(y) == len(idx) == len(x)
         assert [source.vocab[k] for k in y.tolist()] == [source.labels[i][0] for i in idx.tolist()]
         seen += idx.tolist()
     return seen

@@ -30,8 +30,7 @@ from core.model import (
     param_groups,
     predict,
     predict_probs,
-    prepare_image,
-    preprocess_transform,
+    preprocess,
     pretrained_cache_path,
     save_bundle,
     unfreeze,
@@ -300,9 +299,8 @@ def test_multi_label_bundle_uses_sigmoid():
     bundle = _eval_bundle(_meta(task="multi_label", threshold=0.3))
     images = _images(2)
     probs = predict_probs(bundle, images)
-    tfm = preprocess_transform(32, bundle.meta.mean, bundle.meta.std)
     with torch.inference_mode():
-        logits = bundle.model(torch.stack([tfm(prepare_image(im)) for im in images]))
+        logits = bundle.model(preprocess(bundle, images))
     assert torch.allclose(probs, logits.sigmoid(), atol=1e-6)
     assert not torch.allclose(probs, logits.softmax(dim=1), atol=1e-3)
 

@@ -151,7 +151,7 @@ def test_mislabelled_files_rank_near_the_top(finished_run, shapes):
 
 
 def test_exported_bundle_predicts_like_the_interpretation_table(finished_run):
-    from core.data import open_image
+    from core.images import open_image
     from core.model import predict_probs
 
     table = interpret.load_table(interpret.table_path(finished_run, "valid"))
@@ -221,8 +221,20 @@ def test_progressive_resizing_starts_from_the_previous_run(finished_run, shapes)
     source = load_bundle(finished_run / BUNDLE, device="cpu").model.state_dict()
     for key, value in learner.model.state_dict().items():
         assert torch.equal(value.cpu(), source[key]), key
-    x, _, _ = next(iter(learner.dls.train))
-    assert x.shape[-2:] == (48, 48)
+    x, y, _ = next(iter(learner.dls.train))
+    assert learner.to_device(x, y, train=True)[0].shape[-2:] == (48, 48)
+
+
+def test_results_do_not_depend_on_a_warm_cache(shapes, tmp_path, monkeypatch):
+    cfg = tiny_config(shapes, epochs=1)
+    monkeypatch.setenv("LOUPE_HOME", str(tmp_path / "cold"))
+    cold = Learner(cfg)
+    cold.fit()
+    warm = Learner(cfg)  # same workspace: every image now comes from the decoded cache
+    warm.fit()
+    assert cold.history[-1]["valid_loss"] == warm.history[-1]["valid_loss"]
+    for a, b in zip(cold.model.state_dict().values(), warm.model.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_early_stopping_and_keep_best(shapes, tmp_path):

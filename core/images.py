@@ -1,0 +1,101 @@
+"""Decoding images safely: verify without loading full images, open upright as RGB, refuse bombs."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Far above any photo (~89 Mpx), far below what a decompression bomb declares.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+
+class DataError(ValueError):
+    """A problem with the user's dataset, with a message meant for them."""
+
+
+@dataclass(frozen=True)
+class BadImage:
+    path: Path
+    reason: str
+
+
+def check_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
+    """Why the image at `path` cannot be used, or None when it decodes.
+
+    Reads the header first, so a decompression bomb is refused by its declared size and never
+    decoded; JPEGs are then decoded at reduced scale (`draft`), which still finds truncation.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                return f"decompression bomb: declares {width}x{height} pixels, over the {max_pixels:,} limit"
+            if width < 1 or height < 1:
+                return f"no pixels ({width}x{height})"
+            img.draft("RGB", (64, 64))
+            img.load()
+    except FileNotFoundError:
+        return "file not found (moved or deleted)"
+    except Image.DecompressionBombError as e:
+        return f"decompression bomb: {e}"
+    except OSError as e:
+        if "cannot identify image file" in str(e):
+            return "not an image (content is not a known image format)"
+        return f"cannot be decoded: {e}"
+    except (ValueError, SyntaxError, EOFError, Image.DecompressionBombWarning) as e:
+        return f"cannot be decoded: {e}"
+    return None
+
+
+def verify_images(paths: list[Path], max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None) -> list[BadImage]:
+    """Files among `paths` that cannot be used as images, each with the reason, checked in parallel."""
+    workers = workers or min(8, (os.cpu_count() or 1) * 2)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        reasons = list(pool.map(lambda p: check_image(p, max_pixels), paths, chunksize=32))
+    return [BadImage(Path(p), r) for p, r in zip(paths, reasons) if r is not None]
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: 16-bit scaled (not clipped), transparency over white, CMYK converted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = arr.min(initial=0), arr.max(initial=1)
+        img = Image.fromarray(((arr - lo) / max(hi - lo, 1e-12) * 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None = None) -> Image.Image:
+    """Open an image upright (EXIF orientation applied) as RGB, refusing decompression bombs.
+
+    `draft` lets JPEGs decode at a reduced scale that is still at least draft x draft: far faster for
+    thumbnails and small training sizes, and no loss once the image is resized down anyway.
+    """
+    try:
+        img = Image.open(path)
+    except Image.DecompressionBombError as e:  # PIL's own refusal, at twice its limit: one error type for callers
+        raise DataError(f"{Path(path).name}: decompression bomb: {e}") from None
+    with img:
+        if img.width * img.height > max_pixels:
+            raise DataError(f"{Path(path).name}: declares {img.width}x{img.height} pixels, over the {max_pixels:,} limit.")
+        if draft:
+            img.draft(None, (draft, draft))
+        img.load()  # animated GIFs and multi-page TIFFs: the first frame
+        return to_rgb(ImageOps.exif_transpose(img))

@@ -1,0 +1,154 @@
+"""The Interpret page through Streamlit's AppTest, on a real run trained in-process on generated shapes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from core import interpret, runs
+from core.data import DataConfig
+from core.demo import DemoSpec, make_demo_dataset
+from core.env import runs_dir
+from core.job import run_training
+from core.model import ModelConfig
+from core.train import TrainConfig
+
+APP = Path(__file__).resolve().parents[1] / "app.py"
+PAGE = "pages/interpret.py"
+
+
+def tiny_run_config(data: Path) -> TrainConfig:
+    """resnet18 from scratch at 32 px, two epochs: a few seconds on two cores."""
+    return TrainConfig(
+        data=DataConfig(path=str(data), size=32, batch_size=8, num_workers=0, max_rotate=0, min_scale=0.75),
+        model=ModelConfig(arch="resnet18", pretrained=False),
+        schedule="one_cycle",
+        epochs=2,
+        lr=1e-2,
+    )
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    """A workspace with one finished run on shapes, some of them deliberately in the wrong folder."""
+    home = tmp_path_factory.mktemp("interpret-home")
+    data = make_demo_dataset(home / "shapes", DemoSpec(n_per_class=20, size=32, mislabel_frac=0.1, seed=3))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOUPE_HOME", str(home))
+        run_dir = runs.create(tiny_run_config(data).to_dict(), root=runs_dir())
+        assert run_training(run_dir) == 0
+    return home
+
+
+def open_page(home: Path, monkeypatch) -> AppTest:
+    monkeypatch.setenv("LOUPE_HOME", str(home))
+    at = AppTest.from_file(str(APP), default_timeout=120)
+    at.run()
+    at.switch_page(PAGE)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def heatmap(at: AppTest) -> dict:
+    (chart,) = [c for c in at.get("plotly_chart") if "interpret_confusion" in c.proto.id]
+    return json.loads(chart.proto.spec)["data"][0]
+
+
+def valid_table(home: Path):
+    (run,) = runs.list_runs(home / "runs")
+    return interpret.load_table(interpret.table_path(run["path"], "valid"))
+
+
+def count_caption(at: AppTest) -> str:
+    return next(c.value for c in at.caption if "highest loss first" in c.value)
+
+
+def test_no_run_says_so_and_links_to_train(tmp_path, monkeypatch):
+    at = open_page(tmp_path / "empty", monkeypatch)
+    assert any("No run yet" in i.value for i in at.info)
+    assert not at.get("plotly_chart") and not at.image
+
+
+def test_a_run_without_a_model_yet_is_explained(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOUPE_HOME", str(tmp_path))
+    runs.create(tiny_run_config(tmp_path).to_dict(), root=runs_dir())
+    at = open_page(tmp_path, monkeypatch)
+    assert any("no model" in i.value for i in at.info)
+    assert not at.get("plotly_chart")
+
+
+def test_finished_run_shows_matrix_tables_and_gallery(home, monkeypatch):
+    at = open_page(home, monkeypatch)
+    trace = heatmap(at)
+    assert trace["type"] == "heatmap" and trace["x"] == ["circle", "square", "triangle"]
+    assert sum(map(sum, trace["z"])) == len(valid_table(home))  # every validation image, once
+    (report,) = [d.value for d in at.dataframe if "precision" in d.value.columns]
+    assert list(report.index) == ["circle", "square", "triangle", "macro avg", "weighted avg"]
+    assert len(at.image) == min(12, len(valid_table(home)))  # the first page of the gallery
+    assert all(img.value[0] for img in at.image)
+    assert any("loss" in m.value and "prob" in m.value for m in at.markdown)
+
+
+def test_normalised_toggle_turns_counts_into_row_shares(home, monkeypatch):
+    at = open_page(home, monkeypatch)
+    counts = heatmap(at)["z"]
+    at.toggle(key="interpret_normalise").set_value(True).run()
+    assert not at.exception
+    shares = heatmap(at)["z"]
+    for row_counts, row_shares in zip(counts, shares):
+        if sum(row_counts):
+            assert sum(row_shares) == pytest.approx(1.0)
+            assert row_shares == pytest.approx([c / sum(row_counts) for c in row_counts])
+
+
+def test_min_val_slider_filters_the_most_confused_pairs(home, monkeypatch):
+    at = open_page(home, monkeypatch)
+    slider = at.slider(key="interpret_min_val")
+    low = slider.value
+    pairs_at_low = _pairs(at)
+    slider.set_value(slider.max).run()
+    assert not at.exception
+    pairs_at_max = _pairs(at)
+    assert low == 1 and len(pairs_at_max) <= len(pairs_at_low)
+    assert all(count >= slider.max for count in pairs_at_max["count"])
+    if pairs_at_max.empty:
+        assert any("No pair" in s.value for s in at.success)
+
+
+def _pairs(at: AppTest):
+    import pandas as pd
+
+    found = [d.value for d in at.dataframe if list(d.value.columns) == ["actual", "predicted", "count"]]
+    return found[0] if found else pd.DataFrame({"count": []})
+
+
+def test_filters_and_paging_change_the_gallery(home, monkeypatch):
+    at = open_page(home, monkeypatch)
+    n_valid = len(valid_table(home))
+    assert f"{n_valid} images" in count_caption(at)
+    first_page = [img.value[0] for img in at.image]
+
+    at.segmented_control(key="interpret_split").set_value("train").run()
+    assert not at.exception and f"{60 - n_valid} images" in count_caption(at)
+    pager = at.pagination(key="interpret_page")
+    assert pager.num_pages == -(-(60 - n_valid) // 12)
+    pager.set_value(2).run()
+    page_two = [img.value[0] for img in at.image]
+    assert len(page_two) == 12 and page_two != first_page
+
+    # A filter sends the pager back to page 1 and keeps only what it says.
+    at.selectbox(key="interpret_actual").set_value("square").run()
+    assert not at.exception and at.pagination(key="interpret_page").value == 1
+    n_square = int(count_caption(at).split()[0])
+    assert 0 < n_square < 60 - n_valid
+    captions = [m.value for m in at.markdown if "loss" in m.value and "prob" in m.value]
+    assert captions and all("/ square" in m for m in captions)
+    at.toggle(key="interpret_only_wrong").set_value(True).run()
+    assert int(count_caption(at).split()[0]) <= n_square
+    assert all(":red[" in m.value for m in at.markdown if "loss" in m.value and "prob" in m.value)
+    at.selectbox(key="interpret_predicted").set_value("square").run()  # wrong yet predicted as itself: none
+    assert any("No image matches" in i.value for i in at.info) and not at.image

@@ -1,0 +1,170 @@
+"""The Runs page through AppTest: real runs trained at 32 px, real run folders deleted (or refused) on disk."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+from core import job, runs
+from core.data import DataConfig
+from core.demo import DemoSpec, make_demo_dataset
+from core.model import ModelConfig
+from core.train import TrainConfig
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+TABLE_KEY = "runs_table"
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models train as fast on one thread, and far faster when other processes share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def config(dataset: Path, lr: float = 2e-3) -> dict:
+    return TrainConfig(
+        data=DataConfig(path=str(dataset), size=32, batch_size=4, num_workers=0),
+        model=ModelConfig(pretrained=False),
+        schedule="one_cycle",
+        epochs=2,
+        lr=lr,
+        mixed_precision=False,
+    ).to_dict()
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two finished runs (different learning rates) sharing one runs folder, trained once for the module."""
+    home = tmp_path_factory.mktemp("runs_home")
+    with pytest.MonkeyPatch.context() as mp, one_torch_thread():
+        mp.setenv("LOUPE_HOME", str(home))
+        dataset = make_demo_dataset(home / "demo", DemoSpec(n_per_class=10, size=32, seed=2))
+        made = []
+        for lr in (2e-3, 1e-2):
+            run_dir = runs.create(config(dataset, lr), root=home / "runs", name_hint=f"lr{lr:g}")
+            assert job.run_training(run_dir) == 0
+            made.append(run_dir)
+    return made
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("LOUPE_HOME", str(tmp_path))
+    return tmp_path
+
+
+def fake_run(home: Path, state: str = runs.DONE) -> Path:
+    """A run folder as the protocol writes it, without training (for deleting)."""
+    run_dir = runs.create(config(home / "nowhere"), root=home / "runs")
+    if state in runs.FINAL_STATES:
+        runs.mark_finished(run_dir, state)
+    return run_dir
+
+
+def open_runs() -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    at.switch_page("pages/runs.py")
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def table_ids(at: AppTest) -> list[str]:
+    return at.dataframe[0].value["id"].tolist()
+
+
+def select(at: AppTest, *run_ids: str) -> AppTest:
+    ids = table_ids(at)
+    at.session_state[TABLE_KEY] = {"selection": {"rows": [ids.index(r) for r in run_ids], "columns": [], "cells": []}}
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_no_runs_says_so(home: Path):
+    at = open_runs()
+    assert "No runs yet" in at.info[0].value
+    assert not at.dataframe
+
+
+def test_table_lists_runs_and_selected_runs_are_compared(home: Path, two_runs: list[Path]):
+    (home / "runs").symlink_to(two_runs[0].parent, target_is_directory=True)
+    at = open_runs()
+    table = at.dataframe[0].value
+    assert sorted(table["id"]) == sorted(r.name for r in two_runs)
+    assert set(table["state"]) == {"done"} and set(table["task"]) == {"train"}
+    assert set(table["epochs"]) == {"2/2"} and set(table["arch"]) == {"resnet18"}
+    assert table["best valid loss"].notna().all() and table["best error rate"].between(0, 1).all()
+    assert table["model"].all()
+    assert not at.get("plotly_chart")  # nothing selected yet
+
+    select(at, *(r.name for r in two_runs))
+    charts = at.get("plotly_chart")
+    assert len(charts) == 1
+    traces = json.loads(charts[0].proto.spec)["data"]
+    assert {t["legendgroup"] for t in traces} == {r.name for r in two_runs}
+    assert any("single run" in c.value for c in at.caption)
+    assert not at.button  # open/download/delete only for a single run
+
+
+def test_one_selected_run_can_be_made_current_and_downloaded(home: Path, two_runs: list[Path]):
+    (home / "runs").symlink_to(two_runs[0].parent, target_is_directory=True)
+    at = open_runs()
+    target = two_runs[1].name
+    select(at, target)
+    assert any(s.value == f"Run {target}" for s in at.subheader)
+    download = at.download_button(key="runs_download")
+    assert download.label.startswith("Download model (")
+    at.button(key="runs_make_current").click().run()
+    assert not at.exception, at.exception
+    assert at.session_state["run_id"] == target
+
+
+def test_delete_needs_the_run_id_typed_and_removes_the_folder(home: Path):
+    keep, doomed = fake_run(home), fake_run(home)
+    at = open_runs()
+    select(at, doomed.name)
+    assert at.button(key="runs_delete").disabled
+    at.text_input(key="runs_delete_confirm").input("not the id").run()
+    assert at.button(key="runs_delete").disabled
+    at.text_input(key="runs_delete_confirm").input(doomed.name).run()
+    assert not at.button(key="runs_delete").disabled
+    at.button(key="runs_delete").click().run()
+    assert not at.exception, at.exception
+    assert not doomed.exists() and keep.exists()
+    assert any(f"Deleted run {doomed.name}" in s.value for s in at.success)
+    assert table_ids(at) == [keep.name]
+    assert not at.get("plotly_chart") and not at.subheader  # the selection was cleared, not moved to another run
+
+
+def test_an_active_run_is_not_deleted(home: Path):
+    run_dir = fake_run(home, state=runs.CREATED)
+    # A live process whose command line names the run, as a real training child's does.
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", run_dir.name])
+    try:
+        runs.write_status(run_dir, state=runs.RUNNING, pid=sleeper.pid, running_at=runs.read_status(run_dir)["created_at"])
+        at = open_runs()
+        select(at, run_dir.name)
+        assert any("stop it on **Train**" in w.value for w in at.warning)
+        at.text_input(key="runs_delete_confirm").input(run_dir.name).run()
+        at.button(key="runs_delete").click().run()
+        assert not at.exception, at.exception
+        assert any("Not deleted" in e.value and "running" in e.value for e in at.error)
+        assert run_dir.is_dir()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
