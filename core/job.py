@@ -164,12 +164,13 @@ def _finish(learner: Learner, report: Reporter, run_dir: Path) -> None:
     learner.export(run_dir / BUNDLE)
     report("exported", file=BUNDLE)
     for split in ("valid", "train"):
-        table = _item_table(learner, learner.dls, split)
+        table = split_table(learner, learner.dls, split)
         interpret.save_table(table, interpret.table_path(run_dir, split))
     report("interpreted", splits=["valid", "train"])
 
 
-def _item_table(learner: Learner, dls: DataLoaders, split: str):
+def split_table(learner: Learner, dls: DataLoaders, split: str):
+    """The per-item table (core.interpret.item_table) of one side of the split: one inference pass."""
     ids = getattr(dls.split, split)
     loader = make_loader(dls.source, ids, learner.cfg.data, train=False, device=learner.device)
     preds = get_preds(learner, loader)
@@ -200,7 +201,7 @@ def interpret_run(run_dir: str | Path, split: str = "valid"):
     empty = make_loader(source, item_split.valid[:0], cfg.data, train=False)
     dls = DataLoaders(empty, empty, source, item_split, [])
     learner = Learner(cfg, dls=dls, model=bundle.model)
-    table = _item_table(learner, dls, split)
+    table = split_table(learner, dls, split)
     interpret.save_table(table, path)
     return table
 

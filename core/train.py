@@ -202,6 +202,7 @@ class Learner:
         self.best_valid = math.inf
         self.epochs_since_best = 0
         self.first_loss: float | None = None
+        self.micro_batch: int | None = None  # images per forward pass once memory ran out (None: whole batch)
         self.history: list[dict[str, Any]] = []
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -253,6 +254,7 @@ class Learner:
             self.model.load_state_dict(resume["model"])
             self.step, self.best_valid = resume["step"], resume["best_valid"]
             self.epochs_since_best = resume.get("epochs_since_best", 0)
+            self.micro_batch = resume.get("micro_batch")
             self.history = list(resume.get("history", []))
         epoch_offset = sum(p.epochs for p in phases[:start_phase])
         for index in range(start_phase, len(phases)):
@@ -319,23 +321,50 @@ class Learner:
 
     def _train_step(self, x, y, ids, ctx: dict, item_ids: list, item_losses: list) -> float:
         x, y = self.to_device(x, y, train=True)
-        with self.autocast():
-            losses = per_item(self.loss_fn(self.model(x), y))
-        loss = losses.mean()
-        self._check_divergence(loss.item(), ctx)
         opt, scaler = ctx["opt"], ctx["scaler"]
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        while True:
+            try:
+                losses = self._forward_backward(x, y, opt, scaler)
+                break
+            except torch.OutOfMemoryError:
+                self._shrink_micro_batch(len(x), ctx)
+        value = losses.mean().item()
+        self._check_divergence(value, ctx)
         scaler.step(opt)
         scaler.update()
         if not isinstance(ctx["sched"], torch.optim.lr_scheduler.ReduceLROnPlateau):
             ctx["sched"].step()
         self.step += 1
-        value = loss.item()
         self.smooth.update(value)
         item_ids.extend(ids.tolist())
-        item_losses.extend(losses.detach().float().cpu().tolist())
+        item_losses.extend(losses.float().cpu().tolist())
         return value
+
+    def _forward_backward(self, x, y, opt, scaler) -> torch.Tensor:
+        """Gradients of the batch's mean loss, in micro-batches when memory ran short: the same step, in pieces."""
+        opt.zero_grad(set_to_none=True)
+        chunk = self.micro_batch or len(x)
+        pieces = []
+        for start in range(0, len(x), chunk):
+            with self.autocast():
+                losses = per_item(self.loss_fn(self.model(x[start : start + chunk]), y[start : start + chunk]))
+            scaler.scale(losses.sum() / len(x)).backward()
+            pieces.append(losses.detach())
+        return torch.cat(pieces)
+
+    def _shrink_micro_batch(self, batch: int, ctx: dict) -> None:
+        """Out of memory: halve the images per forward pass and retry the step (the batch size the schedule
+        and the optimizer see stays the same); below two images BatchNorm cannot train, so give up clearly."""
+        ctx["opt"].zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = (self.micro_batch or batch) // 2
+        if half < 2:
+            raise RuntimeError(
+                "Out of memory even at 2 images per step; lower the image size or choose a smaller architecture."
+            )
+        self.micro_batch = half
+        self.on_event("oom", epoch=ctx["epoch"], step=self.step, micro_batch=half, batch_size=batch)
 
     def _check_divergence(self, loss: float, ctx: dict) -> None:
         """NaN or inf, or a thousand times the first loss: nothing useful comes after, so stop and say why."""
@@ -397,6 +426,7 @@ class Learner:
             "step": self.step,
             "best_valid": self.best_valid,
             "epochs_since_best": self.epochs_since_best,
+            "micro_batch": self.micro_batch,
             "history": self.history,
             "rng": torch.get_rng_state(),
             **(partial or {}),

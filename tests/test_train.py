@@ -320,3 +320,20 @@ def test_suggestions_are_pure_functions_of_the_curve():
     assert minimum(lrs, losses) == pytest.approx(best / 10)
     assert 1e-7 <= slide(lrs, losses) <= 10
     assert suggest(lrs, losses).keys() == {"valley", "steep", "minimum", "slide"}
+
+
+def test_out_of_memory_halves_the_micro_batch_and_training_goes_on(shapes):
+    """The CUDA OOM path on CPU: a forward pre-hook raises torch's real OutOfMemoryError above 4 images."""
+    events = []
+    learner = Learner(tiny_config(shapes, epochs=1), on_event=lambda kind, **f: events.append((kind, f)))
+
+    def run_out_of_memory(module, args):
+        if module.training and args[0].shape[0] > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (raised by the test)")
+
+    learner.model.register_forward_pre_hook(run_out_of_memory)
+    history = learner.fit()
+    ooms = [f for kind, f in events if kind == "oom"]
+    assert [o["micro_batch"] for o in ooms] == [8, 4]  # 16 -> 8 -> 4, then it fits
+    assert learner.micro_batch == 4
+    assert len(history) == 1 and math.isfinite(history[0]["train_loss"])
