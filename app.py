@@ -7,15 +7,15 @@ from ui.sidebar import render_sidebar
 st.set_page_config(page_title="Loupe", page_icon=":material/center_focus_strong:", layout="wide")
 
 pages = {
-    "Data": [st.Page("pages/data.py", title="Data", icon=":material/photo_library:", default=True)],
-    "Train": [st.Page("pages/train.py", title="Train", icon=":material/model_training:")],
+    "Data": [st.Page("app_pages/data.py", title="Data", icon=":material/photo_library:", default=True)],
+    "Train": [st.Page("app_pages/train.py", title="Train", icon=":material/model_training:")],
     "Analyse": [
-        st.Page("pages/interpret.py", title="Interpret", icon=":material/insights:"),
-        st.Page("pages/clean.py", title="Clean", icon=":material/cleaning_services:"),
+        st.Page("app_pages/interpret.py", title="Interpret", icon=":material/insights:"),
+        st.Page("app_pages/clean.py", title="Clean", icon=":material/cleaning_services:"),
     ],
     "Use": [
-        st.Page("pages/predict.py", title="Predict", icon=":material/image_search:"),
-        st.Page("pages/runs.py", title="Runs", icon=":material/history:"),
+        st.Page("app_pages/predict.py", title="Predict", icon=":material/image_search:"),
+        st.Page("app_pages/runs.py", title="Runs", icon=":material/history:"),
     ],
 }
 page = st.navigation(pages)

@@ -164,7 +164,9 @@ def _resolve_source(root: Path, file: str | os.PathLike) -> tuple[Path, list[str
     return real, []
 
 
-def _target_for(root: Path, rel: Path, action: str, new_label: str | None, layout: str, batch: str) -> tuple[Path | None, list[str]]:
+def _target_for(
+    root: Path, rel: Path, action: str, new_label: str | None, layout: str, batch: str
+) -> tuple[Path | None, list[str]]:
     """Where a change moves the file at `root/rel` (before collision renaming), or the problems."""
     if action == DELETE:
         return root / TRASH_DIR / batch / rel, []

@@ -570,9 +570,10 @@ def _relative_if_inside(path: Path, root: Path) -> str:
 
 
 def source_from_record(record: dict) -> tuple[DataSource, Split]:
-    """Rebuild the DataSource and Split that `source_record` saved; files that no longer exist are dropped."""
+    """Rebuild the DataSource and Split that `source_record` saved. Item indices stay exactly as they were
+    (per-item losses refer to them); a file deleted since is kept in the list and skipped when loaded."""
     root = Path(record["root"])
-    items = [it for it in record["items"] if (root / it["file"]).exists()]
+    items = record["items"]
     source = DataSource(
         root=root,
         layout=record["layout"],

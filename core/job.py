@@ -219,12 +219,12 @@ def run_lr_find(run_dir: str | Path, num_it: int = 100, start_lr: float = 1e-7, 
                 result = lr_find(learner, num_it, start_lr, end_lr, on_step=on_step)
             atomic_write_json(run_dir / LR_FIND_FILE, result.to_dict())
             writer.emit("lr_find_done", suggestions=result.suggestions)
-            runs.mark_finished(run_dir, runs.DONE, task="lr_find")
+            runs.mark_finished(run_dir, runs.DONE, task="lr-find")
             return result
         except Exception as e:
             message = f"{type(e).__name__}: {e}"
             writer.emit("error", message=message, traceback=traceback.format_exc())
-            runs.mark_finished(run_dir, runs.FAILED, error=message, task="lr_find")
+            runs.mark_finished(run_dir, runs.FAILED, error=message, task="lr-find")
             raise
 
 

@@ -145,11 +145,15 @@ def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, phase: Phase, s
     """PyTorch's OneCycleLR with fastai's defaults (momentum 0.95 -> 0.85 -> 0.95), or ReduceLROnPlateau."""
     if phase.kind == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.plateau_factor, patience=cfg.plateau_patience)
+    total = max(1, phase.epochs * steps_per_epoch)
+    # PyTorch divides by zero when the warm-up ends exactly on step 0 (e.g. 4 steps at 0.25): a run too short
+    # to warm up skips the warm-up and only anneals.
+    pct_start = phase.pct_start if phase.pct_start * total > 1.0 else 0.5 / total
     return torch.optim.lr_scheduler.OneCycleLR(
         opt,
         max_lr=phase.lrs,
-        total_steps=max(1, phase.epochs * steps_per_epoch),
-        pct_start=phase.pct_start,
+        total_steps=total,
+        pct_start=pct_start,
         div_factor=phase.div,
         # PyTorch divides the *start* rate by final_div_factor; fastai divides the peak by div_final.
         final_div_factor=phase.div_final / phase.div,

@@ -68,7 +68,10 @@ def _skipped(parts: tuple[str, ...]) -> bool:
     return any(p in SKIPPED_DIRS or p.startswith(".") for p in parts)
 
 
-def _plan(archive: zipfile.ZipFile, max_total_bytes: int, max_files: int) -> list[tuple[zipfile.ZipInfo, tuple[str, ...]]]:
+Plan = list[tuple[zipfile.ZipInfo, tuple[str, ...]]]
+
+
+def _plan(archive: zipfile.ZipFile, max_total_bytes: int, max_files: int) -> Plan:
     """Check the whole central directory before anything is written; return the entries to extract."""
     entries = archive.infolist()
     files = [info for info in entries if not info.is_dir()]
@@ -77,7 +80,8 @@ def _plan(archive: zipfile.ZipFile, max_total_bytes: int, max_files: int) -> lis
     declared = sum(info.file_size for info in files)
     if declared > max_total_bytes:
         raise UploadError(
-            f"The zip would unpack to {declared / 2**20:,.0f} MB, more than the {max_total_bytes / 2**20:,.0f} MB allowed."
+            f"The zip would unpack to {declared / 2**20:,.0f} MB, "
+            f"more than the {max_total_bytes / 2**20:,.0f} MB allowed."
         )
     plan, seen = [], set()
     for info in entries:

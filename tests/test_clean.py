@@ -69,7 +69,8 @@ def test_a_collision_gets_a_new_name_and_both_files_are_kept(folders, write_imag
     write_image(folders / "cat" / "same.png", colour=(9, 9, 9))
     write_image(folders / "fox" / "same.png", colour=(5, 5, 5))
     dog_hash = hashes(folders)["dog/same.png"]
-    changes = [Change(folders / "cat" / "same.png", "relabel", "dog"), Change(folders / "fox" / "same.png", "relabel", "dog")]
+    changes = [Change(folders / "cat" / "same.png", "relabel", "dog"),
+               Change(folders / "fox" / "same.png", "relabel", "dog")]
     result = apply_changes(folders, changes, layout="folders")
     assert [m.target.name for m in result.applied] == ["same (1).png", "same (2).png"]
     after = hashes(folders)

@@ -79,7 +79,10 @@ def test_save_stores_by_content_hash_with_the_extension_of_the_content(home: Pat
     jpeg_named_png = save_feedback(image_bytes("JPEG"), "x.png", "grizzly", "black", "run-1")
     assert jpeg_named_png.suffix == ".jpg" and jpeg_named_png.parent.name == "black"
     log = [json.loads(line) for line in (root / ".feedback_log.jsonl").read_text().splitlines()]
-    assert [(r["run"], r["predicted"], r["correct"]) for r in log] == [("run-1", "black", "grizzly"), ("run-1", "grizzly", "black")]
+    assert [(r["run"], r["predicted"], r["correct"]) for r in log] == [
+        ("run-1", "black", "grizzly"),
+        ("run-1", "grizzly", "black"),
+    ]
     assert log[0]["source_name"] == "holiday.txt" and log[0]["file"] == f"grizzly/{path.name}"
     assert feedback.feedback_log() == log
     assert not list(root.rglob(".*.tmp"))  # atomic writes leave no temp files
@@ -100,7 +103,14 @@ def test_same_image_twice_is_stored_once_and_a_new_label_moves_it(home: Path):
 
 @pytest.mark.parametrize(
     "label, folder",
-    [("../../evil", "evil"), ("a/../b", "a_b"), ("a/b\\c", "a_b_c"), ("  grizzly  bear ", "grizzly bear"), (".hidden", "hidden"), ("x\x00y", "x y")],
+    [
+        ("../../evil", "evil"),
+        ("a/../b", "a_b"),
+        ("a/b\\c", "a_b_c"),
+        ("  grizzly  bear ", "grizzly bear"),
+        (".hidden", "hidden"),
+        ("x\x00y", "x y"),
+    ],
 )
 def test_labels_are_sanitised_into_one_folder_inside_the_root(home: Path, label: str, folder: str):
     path = save_feedback(image_bytes("PNG"), "a.png", "black", label, "r1")

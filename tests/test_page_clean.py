@@ -19,7 +19,7 @@ from core.model import ModelConfig
 from core.train import TrainConfig
 
 APP = Path(__file__).resolve().parents[1] / "app.py"
-PAGE = "pages/clean.py"
+PAGE = "app_pages/clean.py"
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -58,13 +59,15 @@ def image_captions(at: AppTest) -> list[str]:
 
 
 def gallery_captions(at: AppTest) -> list[str]:
-    """Captions of the gallery's thumbnails (the augmentation preview's are 'as validated' and 'training k')."""
-    return [c for c in image_captions(at) if c != "as validated" and not c.startswith("training ")]
+    """The file names under the gallery's thumbnails (the grid is the page's only st.grid)."""
+    grids = at.get("grid")
+    assert len(grids) == 1
+    return [c.value for c in grids[0].caption]
 
 
 def test_no_dataset_shows_the_demo_call_to_action(at: AppTest):
     assert at.button(key="data_demo").label == "Create the demo dataset"
-    assert "Open or create a dataset" in texts(at.info)
+    assert "one subfolder per class" in texts(at.info)
     assert not at.metric and not at.error
 
 
@@ -131,6 +134,9 @@ def test_typed_path_opens_a_folders_dataset(at: AppTest, home: Path, demo_datase
     assert not again.exception
     assert metrics(again)["Classes"] == "3"
     assert again.selectbox(key="data_recent").options == [f"demo  ·  {demo_dataset.parent.resolve()}"]
+    again.button(key="data_open_recent").click()
+    again.run()
+    assert not again.exception and again.session_state["dataset"] == str(demo_dataset.resolve())
 
 
 @pytest.mark.parametrize(
@@ -182,6 +188,26 @@ def test_tiny_class_warns(at: AppTest, tmp_path: Path, write_image):
     assert "Only one class" not in warning
 
 
+def test_train_and_valid_folders_fix_the_split(at: AppTest, tmp_path: Path, write_image):
+    root = tmp_path / "fixed"
+    classes(root / "train", {"a": 10, "b": 10}, write_image)
+    classes(root / "valid", {"a": 3, "b": 3}, write_image)
+    open_folder(at, root)
+    m = metrics(at)
+    assert (m["Classes"], m["Training"], m["Validation"]) == ("2", "20", "6")
+    assert at.slider(key="data_valid_pct").disabled
+    assert "fixes the split" in texts(at.caption)
+
+
+def test_a_dataset_deleted_while_open_shows_an_error(at: AppTest, tmp_path: Path, write_image):
+    root = classes(tmp_path / "gone", {"a": 10, "b": 10}, write_image)
+    open_folder(at, root)
+    shutil.rmtree(root)
+    at.run()
+    assert not at.exception
+    assert "does not exist" in texts(at.error)
+
+
 def test_split_options_go_to_session_state_and_change_the_split(at: AppTest, tmp_path: Path, write_image):
     open_folder(at, classes(tmp_path / "pets", {"cat": 20, "dog": 20}, write_image))
     assert metrics(at)["Validation"] == "8"
@@ -230,7 +256,8 @@ def _png(colour: tuple[int, int, int]) -> bytes:
 
 
 def test_upload_a_zip(at: AppTest, home: Path):
-    entries = {f"shapes/{c}/{i}.png": _png(colour) for c, colour in (("red", (220, 0, 0)), ("blue", (0, 0, 220))) for i in range(12)}
+    colours = {"red": (220, 0, 0), "blue": (0, 0, 220)}
+    entries = {f"shapes/{c}/{i}.png": _png(colour) for c, colour in colours.items() for i in range(12)}
     entries["__MACOSX/shapes/._x.png"] = b"resource fork"
     at.file_uploader(key="data_zip").set_value(("shapes.zip", _zip_of(entries), "application/zip"))
     at.run()
@@ -269,6 +296,7 @@ def test_upload_refused_with_a_message_and_nothing_left(at: AppTest, home: Path,
 def test_bears_photos_show_three_classes(at: AppTest):
     open_folder(at, BEARS)
     assert metrics(at)["Classes"] == "3"
-    assert [o.split(" (")[0] for o in at.segmented_control(key="data_gallery_class").options] == ["black", "grizzly", "teddys"]
+    names = [o.split(" (")[0] for o in at.segmented_control(key="data_gallery_class").options]
+    assert names == ["black", "grizzly", "teddys"]
     assert len(gallery_captions(at)) == 24
     assert not at.error

@@ -77,7 +77,7 @@ def fake_run(home: Path, state: str = runs.DONE) -> Path:
 def open_runs() -> AppTest:
     at = AppTest.from_file(APP, default_timeout=120)
     at.run()
-    at.switch_page("pages/runs.py")
+    at.switch_page("app_pages/runs.py")
     at.run()
     assert not at.exception, at.exception
     return at
@@ -106,7 +106,7 @@ def test_table_lists_runs_and_selected_runs_are_compared(home: Path, two_runs: l
     at = open_runs()
     table = at.dataframe[0].value
     assert sorted(table["id"]) == sorted(r.name for r in two_runs)
-    assert set(table["state"]) == {"done"} and set(table["task"]) == {"train"}
+    assert set(table["state"]) == {"done"} and "task" not in table  # the task column only appears with LR-finder runs
     assert set(table["epochs"]) == {"2/2"} and set(table["arch"]) == {"resnet18"}
     assert table["best valid loss"].notna().all() and table["best error rate"].between(0, 1).all()
     assert table["model"].all()
@@ -124,14 +124,16 @@ def test_table_lists_runs_and_selected_runs_are_compared(home: Path, two_runs: l
 def test_one_selected_run_can_be_made_current_and_downloaded(home: Path, two_runs: list[Path]):
     (home / "runs").symlink_to(two_runs[0].parent, target_is_directory=True)
     at = open_runs()
-    target = two_runs[1].name
+    target = two_runs[0].name  # the older run: the newest is current by default
     select(at, target)
     assert any(s.value == f"Run {target}" for s in at.subheader)
     download = at.download_button(key="runs_download")
     assert download.label.startswith("Download model (")
+    assert not at.button(key="runs_make_current").disabled
     at.button(key="runs_make_current").click().run()
     assert not at.exception, at.exception
     assert at.session_state["run_id"] == target
+    assert at.button(key="runs_make_current").disabled
 
 
 def test_delete_needs_the_run_id_typed_and_removes_the_folder(home: Path):
@@ -156,7 +158,8 @@ def test_an_active_run_is_not_deleted(home: Path):
     # A live process whose command line names the run, as a real training child's does.
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", run_dir.name])
     try:
-        runs.write_status(run_dir, state=runs.RUNNING, pid=sleeper.pid, running_at=runs.read_status(run_dir)["created_at"])
+        started = runs.read_status(run_dir)["created_at"]
+        runs.write_status(run_dir, state=runs.RUNNING, pid=sleeper.pid, running_at=started)
         at = open_runs()
         select(at, run_dir.name)
         assert any("stop it on **Train**" in w.value for w in at.warning)

@@ -20,7 +20,7 @@ from core.train import TrainConfig
 from ui.train_view import MAX_POINTS, RunTail, total_epochs
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
-PAGE = "pages/train.py"
+PAGE = "app_pages/train.py"
 # Tiny models on a busy shared CPU: one intra-op thread is ~10x faster than several that wait on each other.
 ONE_THREAD = ("OMP_NUM_THREADS", "1")
 TINY = {"train_pretrained": False, "train_schedule": "one_cycle", "train_size": 32, "train_bs": 8, "train_epochs": 1,
@@ -207,7 +207,7 @@ def test_a_failed_run_shows_its_error(home: Path, demo_dataset: Path, tmp_path: 
 def test_lr_finder_runs_in_the_background_and_its_suggestion_sets_the_rate(home: Path, demo_dataset: Path,
                                                                           background) -> None:
     at = open_page(demo_dataset)
-    set_form(at, **TINY)
+    set_form(at, **{**TINY, "train_size": 16})  # 100 sweep steps: the smallest images keep it quick
     at.button(key="train_find_lr").click().run()
     assert not at.exception, at.exception
     [run_dir] = run_dirs()

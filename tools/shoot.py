@@ -24,13 +24,15 @@ def main() -> int:
     p.add_argument("--home", type=Path, required=True, help="LOUPE_HOME for the app")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--width", type=int, default=1400)
+    # Streamlit scrolls inside its own container, so a full-page shot is only as tall as the window.
+    p.add_argument("--height", type=int, default=1800)
     p.add_argument("--settle", type=float, default=2.0, help="extra seconds after the script finishes")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     a.home.mkdir(parents=True, exist_ok=True)
     with streamlit_server(a.home) as url, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=find_chromium(), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": a.width, "height": 900})
+        page = browser.new_page(viewport={"width": a.width, "height": a.height})
         for name in a.pages:
             page.goto(f"{url}/{name}")
             wait_for_app(page)

@@ -56,10 +56,12 @@ def current_run() -> Path | None:
     if run_id and run_path(run_id).is_dir():
         return run_path(run_id)
     listing = runs.list_runs(runs_dir())
-    if not listing:
+    # An LR-finder sweep is a run directory too, but "the current run" means a training run.
+    trainings = [r for r in listing if r.get("status", {}).get("task") != "lr-find"]
+    if not trainings:
         return None
-    st.session_state[RUN_KEY] = listing[0]["id"]
-    return Path(listing[0]["path"])
+    st.session_state[RUN_KEY] = trainings[0]["id"]
+    return Path(trainings[0]["path"])
 
 
 def set_run(run_id: str | None) -> None:

@@ -1,0 +1,205 @@
+"""Clean: review each class by loss, mark images to delete or relabel, apply in one step (with undo), retrain."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from core import clean, interpret, runs
+from core.data import LAYOUT_NAMES
+from core.fileio import read_json
+from ui.cache import run_table
+from ui.gallery import grid, image_or_note, paginate, require_run_tables, reset_page
+from ui.state import set_run
+
+PER_PAGE = 24  # fills 4, 6 or 8 columns evenly
+PAGE_KEY = "clean_page"
+MARKS_KEY = "clean_marks"  # {file path: "delete" | "relabel:<class>"}: kept across class, split and page changes
+MARK_WIDGET = "clean_mark:"  # + file path: the key of each image's selectbox
+RESULT_KEY = "clean_result"  # the last apply/undo outcome, shown until the next one
+KEEP, DELETE, RELABEL = "keep", "delete", "relabel:"
+
+
+def mark_label(option: str) -> str:
+    if option == KEEP:
+        return "Keep"
+    if option == DELETE:
+        return "Delete"
+    return f"Move to {option.removeprefix(RELABEL)}"
+
+
+def set_mark(file: str) -> None:
+    """Selectbox callback: record the mark before the script runs, so the staged counts above are current."""
+    choice = st.session_state[MARK_WIDGET + file]
+    if choice == KEEP:
+        st.session_state[MARKS_KEY].pop(file, None)
+    else:
+        st.session_state[MARKS_KEY][file] = choice
+
+
+def clear_marks() -> None:
+    st.session_state[MARKS_KEY].clear()
+    for key in [k for k in st.session_state if str(k).startswith(MARK_WIDGET)]:
+        del st.session_state[key]  # the selectboxes on screen go back to Keep too
+
+
+def to_change(file: str, mark: str, computed_at: float) -> clean.Change:
+    if mark == DELETE:
+        return clean.Change(Path(file), clean.DELETE, computed_at=computed_at)
+    return clean.Change(Path(file), clean.RELABEL, mark.removeprefix(RELABEL), computed_at=computed_at)
+
+
+def report(result: clean.CleanResult) -> None:
+    """Keep the outcome for the next rerun: a summary line and every skipped file with its reason."""
+    st.session_state[RESULT_KEY] = {
+        "summary": result.summary() if (result.applied or result.skipped) else "Nothing to undo.",
+        "skipped": [f"{m.source.name}: {m.reason}" for m in result.skipped],
+    }
+
+
+def failed(what: str, error: OSError) -> None:
+    st.session_state[RESULT_KEY] = {"error": f"Could not {what}: {error}. Nothing was lost; files already moved "
+                                             "are in the change log and can be undone."}
+
+
+def apply_marks(datasets: list[clean.Dataset], changes: list[clean.Change]) -> None:
+    try:
+        result = clean.apply_to(datasets, changes)
+    except OSError as e:  # e.g. a read-only dataset folder: no log, no trash can be made
+        failed("apply the changes", e)
+        return
+    marks = st.session_state[MARKS_KEY]
+    for change in changes:  # moved now, or gone before: either way nothing is left to mark
+        if not Path(change.file).exists():
+            marks.pop(str(change.file), None)
+    report(result)
+
+
+def undo(datasets: list[clean.Dataset]) -> None:
+    try:
+        report(clean.undo_last_of(datasets))
+    except OSError as e:
+        failed("undo", e)
+
+
+st.title("Clean")
+run, valid = require_run_tables()
+try:
+    datasets = clean.run_datasets(run)
+except (OSError, ValueError, KeyError) as e:
+    st.error(f"Run **{run.name}** does not say which dataset it was trained on ({e}); it cannot be cleaned here.")
+    st.stop()
+root, layout = datasets[0].root, datasets[0].layout
+if not root.is_dir():
+    st.error(f"The dataset folder of this run, `{root}`, is gone: nothing to clean.")
+    st.stop()
+vocab: list[str] = list(valid.attrs["vocab"])
+tables = {s: t for s, t in (("valid", valid), ("train", run_table(run, "train"))) if t is not None}
+# When the losses were computed: a file modified after that is skipped rather than changed blind.
+computed_at = min(interpret.table_path(run, s).stat().st_mtime for s in tables)
+marks: dict[str, str] = st.session_state.setdefault(MARKS_KEY, {})
+handled = clean.handled_in(datasets)
+relabel_ok = clean.relabel_supported(layout) and not interpret.is_multi_label(valid)
+
+st.caption(f"Dataset `{root}` · run {run.name}. Images are ordered by loss, worst first. Mark what to change; "
+           "nothing moves until you apply. Deletes go to a `.trash` folder inside the dataset and can be undone.")
+if not relabel_ok:
+    st.caption(f"Relabelling is not available for this dataset ({LAYOUT_NAMES.get(layout, layout)}"
+               f"{', multi-label' if interpret.is_multi_label(valid) else ''}): you can keep or delete.")
+
+# ---------------------------------------------------------------- staged changes: one apply, one undo
+changes = [to_change(f, m, computed_at) for f, m in sorted(marks.items())]
+n_delete = sum(c.action == clean.DELETE for c in changes)
+undo_batch, n_undo, _ = clean.undoable_in(datasets)
+with st.container(horizontal=True, gap="small", vertical_alignment="center", border=True):
+    st.markdown(f"**{n_delete}** to delete, **{len(changes) - n_delete}** to relabel")
+    st.space("stretch")
+    st.button("Apply changes", type="primary", key="clean_apply", disabled=not changes,
+              on_click=apply_marks, args=(datasets, changes), icon=":material/done_all:")
+    st.button("Clear marks", key="clean_clear", disabled=not changes, on_click=clear_marks)
+    undo_label = f"Undo last apply ({n_undo} file{'s' if n_undo != 1 else ''})" if n_undo else "Undo last apply"
+    st.button(undo_label, key="clean_undo", disabled=undo_batch is None, on_click=undo, args=(datasets,),
+              icon=":material/undo:")
+
+outcome = st.session_state.get(RESULT_KEY)
+if outcome and "error" in outcome:
+    st.error(outcome["error"])
+elif outcome:
+    (st.warning if outcome["skipped"] else st.success)(outcome["summary"])
+    for line in outcome["skipped"]:
+        st.caption(f":material/block: {line}")
+if changes:
+    preview = clean.apply_to(datasets, changes, dry_run=True)  # stats only, no hashing: cheap on every rerun
+    rows_preview = [{"action": m.action, "file": str(m.source), "to": str(m.target or ""), "problem": m.reason}
+                    for m in preview.applied + preview.skipped]
+    with st.expander(f"Preview (dry run): {preview.summary()}", expanded=bool(preview.skipped)):
+        st.dataframe(pd.DataFrame(rows_preview), hide_index=True)
+
+# ---------------------------------------------------------------- pick a class and split, mark images
+with st.container(horizontal=True, gap="medium", vertical_alignment="bottom"):
+    split = st.segmented_control("Split", list(tables), default="valid", required=True, key="clean_split",
+                                 on_change=reset_page, args=(PAGE_KEY,))
+    counts = tables[split]["actual"].value_counts()
+    label = st.selectbox("Class (actual label)", vocab, key="clean_class", on_change=reset_page, args=(PAGE_KEY,),
+                         format_func=lambda c: f"{c} ({counts.get(c, 0)})", width=260)
+rows = interpret.top_losses(tables[split], split=split, actual=label)
+
+
+def cell(row: pd.Series) -> None:
+    file = row["file"]
+    done = handled.get(Path(file))
+    if done:  # applied: the table still has the old path, so show the file where it is now
+        note = "In the trash" if done["action"] == clean.DELETE else f"Moved to {done.get('new_label')}"
+        if image_or_note(done["now"], note):
+            st.caption(f":material/check_circle: {note}")
+        return
+    if not image_or_note(file, "File is gone (moved or deleted outside Loupe)"):
+        return  # a mark it had stays staged, so applying reports it as skipped
+    options = [KEEP, DELETE] + ([f"{RELABEL}{c}" for c in vocab if c != row["actual"]] if relabel_ok else [])
+    current = marks.get(file, KEEP)
+    st.selectbox("Mark", options, index=options.index(current) if current in options else 0,
+                 format_func=mark_label, key=MARK_WIDGET + file, label_visibility="collapsed",
+                 on_change=set_mark, args=(file,))
+    if current == DELETE:
+        st.badge("Will be deleted", icon=":material/delete:", color="red")
+    elif current != KEEP:
+        st.badge(f"Will move to {current.removeprefix(RELABEL)}", icon=":material/drive_file_move:", color="blue")
+    verdict = "" if row["correct"] else f" · predicted **{row['predicted']}**"
+    st.caption(f"loss {row['loss']:.2f}{verdict}", help=Path(file).name)
+
+
+if rows.empty:
+    st.info(f"No {split} images of class {label}.")
+else:
+    gallery_slot = st.container()
+    shown = paginate(len(rows), PER_PAGE, PAGE_KEY)
+    with gallery_slot:
+        grid([rows.iloc[i] for i in shown], cell)
+
+# ---------------------------------------------------------------- history and retrain
+log = clean.log_table(datasets)
+with st.expander(f"Change log ({len(log)} entries)"):
+    if log:
+        frame = pd.DataFrame(log)
+        frame["time"] = [datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") for t in frame["time"]]
+        cols = [c for c in ("time", "batch", "action", "source", "target", "new_label", "size", "sha256") if c in frame]
+        st.dataframe(frame[cols], hide_index=True)
+    else:
+        st.caption("No changes applied to this dataset yet.")
+
+st.subheader("Retrain")
+st.caption("A new run with this run's exact configuration, on the cleaned folder; you follow it on Train."
+           + (" Apply or clear the staged changes first." if changes else ""))
+if st.button("Retrain with the cleaned data", key="clean_retrain", icon=":material/replay:",
+             disabled=bool(changes), help="Apply or clear the staged changes first." if changes else None):
+    new_run = runs.create(read_json(run / runs.CONFIG_FILE), name_hint="cleaned")
+    try:
+        runs.start(new_run)
+    except (OSError, ValueError) as e:
+        st.error(f"Could not start the new run {new_run.name}: {e}")
+        st.stop()
+    set_run(new_run.name)
+    st.switch_page("app_pages/train.py")

@@ -1,0 +1,136 @@
+"""Runs: every run side by side; compare loss curves; open, download or delete one run."""
+
+from functools import partial
+from pathlib import Path
+
+import streamlit as st
+
+from core import runs
+from core.env import runs_dir
+from core.train import BUNDLE
+from ui.runs_view import TABLE_COLUMNS, compare_figure, config_lines, epoch_history, has_model, runs_table
+from ui.state import current_run, set_run
+
+TABLE_KEY = "runs_table"
+CONFIRM_KEY = "runs_delete_confirm"
+NOTICE_KEY = "runs_notice"
+
+
+def clear_selection() -> None:
+    """Selections are row positions: after a delete they would point at other runs, so start afresh."""
+    st.session_state[TABLE_KEY] = {"selection": {"rows": [], "columns": [], "cells": []}}
+    st.session_state[CONFIRM_KEY] = ""
+
+
+def delete(run_dir: Path) -> None:
+    """Button callback: runs before the page script, so the table drawn next already lacks the run."""
+    try:
+        runs.delete_run(run_dir, root=runs_dir())
+    except (ValueError, OSError) as e:
+        st.session_state[NOTICE_KEY] = ("error", f"Not deleted: {e}")
+        return
+    if st.session_state.get("run_id") == run_dir.name:
+        set_run(None)
+    clear_selection()
+    st.session_state[NOTICE_KEY] = ("success", f"Deleted run {run_dir.name}.")
+
+
+def read_bundle(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+st.title("Runs")
+notice = st.session_state.pop(NOTICE_KEY, None)
+if notice:
+    getattr(st, notice[0])(notice[1])
+
+listing = runs.list_runs(runs_dir())
+if not listing:
+    st.info("No runs yet: train a model on **Train**, and every run will be listed here.")
+    st.stop()
+
+st.caption(f"{len(listing)} runs in `{runs_dir()}`. Select rows to compare their curves; "
+           "select one to open, download or delete it.")
+table = runs_table(listing)
+event = st.dataframe(
+    table,
+    key=TABLE_KEY,
+    on_select="rerun",
+    selection_mode="multi-row",
+    hide_index=True,
+    column_config=TABLE_COLUMNS,
+)
+rows = [i for i in event.selection.rows if i < len(listing)]
+selected = [listing[i] for i in rows]
+if not selected:
+    st.stop()
+
+st.subheader("Compare" if len(selected) > 1 else "Curves")
+histories = {info["id"]: epoch_history(info["path"]) for info in selected}
+if any(not h.empty for h in histories.values()):
+    st.plotly_chart(compare_figure(histories), key="runs_compare_chart", config={"displaylogo": False})
+missing = [run_id for run_id, h in histories.items() if h.empty]
+if missing:
+    st.caption(f"No finished epochs yet in {', '.join(missing)} "
+               "(an LR finder, or a run that has not finished an epoch).")
+
+if len(selected) > 1:
+    st.caption("Select a single run to open, download or delete it.")
+    st.stop()
+
+info = selected[0]
+run_dir = Path(info["path"])
+st.subheader(f"Run {info['id']}")
+current = current_run()
+is_current = current is not None and current.name == info["id"]
+st.markdown(f"State **{info['state']}**" + (" · the current run" if is_current else ""))
+if info.get("error"):
+    st.error(info["error"])
+for line in config_lines(info["config"]):
+    st.markdown(line)
+with st.expander("Full config"):
+    st.json(info["config"], expanded=2)
+
+open_col, train_col, interpret_col, download_col = st.columns(4)
+if open_col.button("Make it the current run", key="runs_make_current", icon=":material/check_circle:", width="stretch",
+                   disabled=is_current, help="It is the current run already." if is_current else None):
+    set_run(info["id"])
+    st.rerun()
+if train_col.button("Open in Train", key="runs_open_train", icon=":material/model_training:", width="stretch"):
+    set_run(info["id"])
+    st.switch_page("app_pages/train.py")
+no_model = not has_model(run_dir)
+if interpret_col.button("Open in Interpret", key="runs_open_interpret", icon=":material/insights:", width="stretch",
+                        disabled=no_model, help="This run has no model yet." if no_model else None):
+    set_run(info["id"])
+    st.switch_page("app_pages/interpret.py")
+bundle = run_dir / BUNDLE
+if bundle.is_file():
+    download_col.download_button(
+        f"Download model ({bundle.stat().st_size / 2**20:.0f} MB)",
+        data=partial(read_bundle, bundle),  # read only when clicked: a model is tens of MB
+        file_name=f"{info['id']}.safetensors",
+        mime="application/octet-stream",
+        key="runs_download",
+        icon=":material/download:",
+        on_click="ignore",
+        width="stretch",
+    )
+else:
+    download_col.button("No model to download", key="runs_download_none", disabled=True, width="stretch")
+
+with st.expander("Delete this run", icon=":material/delete:"):
+    if info["state"] in runs.ACTIVE_STATES:
+        st.warning(f"This run is {info['state']}: stop it on **Train** before deleting it.")
+    st.text_input(f"Type the run id **{info['id']}** to confirm", key=CONFIRM_KEY, placeholder=info["id"])
+    confirmed = st.session_state.get(CONFIRM_KEY, "").strip() == info["id"]
+    st.button(
+        "Delete run",
+        key="runs_delete",
+        type="primary",
+        icon=":material/delete_forever:",
+        disabled=not confirmed,
+        on_click=delete,
+        args=(run_dir,),
+        help="Removes the run folder: config, events, checkpoints and model. This cannot be undone.",
+    )

@@ -1,0 +1,120 @@
+"""Image grids for pages that show a run's images: uniform square thumbnails, captions, paging, run guards.
+
+Every image goes through `square_thumb` (a cached, letterboxed thumbnail of `ui.cache.thumb`), so grids
+line up whatever the photos' aspect ratios, and no full-size image ever reaches the browser.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+from PIL import Image
+
+from core import runs
+from ui.cache import run_table, thumb
+from ui.state import current_run
+
+THUMB_SIZE = 192
+PAD_COLOUR = (240, 242, 246)  # Streamlit's secondary background: the letterbox blends into the page
+
+
+@st.cache_data(max_entries=4096, show_spinner=False)
+def _square(data: bytes, size: int) -> bytes:
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    # Fit the box both ways: small images (a 32 px dataset) are scaled up so every cell looks alike.
+    scale = size / max(img.width, img.height)
+    img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.LANCZOS)
+    canvas = Image.new("RGB", (size, size), PAD_COLOUR)
+    canvas.paste(img, ((size - img.width) // 2, (size - img.height) // 2))
+    out = io.BytesIO()
+    canvas.save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
+def square_thumb(path: str | Path, size: int = THUMB_SIZE) -> bytes | None:
+    """A size x size JPEG of the whole image, letterboxed; None for a file that is gone or unreadable."""
+    data = thumb(path, size)
+    return None if data is None else _square(data, size)
+
+
+def paginate(n_items: int, per_page: int, key: str) -> range:
+    """A pager under the caller's grid; returns the row positions of the page shown.
+
+    The pager is drawn only when there is more than one page. Reset it (e.g. when a filter changes) with
+    `reset_page(key)`.
+    """
+    n_pages = max(1, math.ceil(n_items / per_page))
+    page = st.pagination(n_pages, key=key) if n_pages > 1 else 1
+    start = (page - 1) * per_page
+    return range(start, min(start + per_page, n_items))
+
+
+def reset_page(key: str) -> None:
+    """on_change callback for filters: back to the first page of a pager."""
+    st.session_state[key] = 1
+
+
+def grid(rows: Sequence[Any], render: Callable[[Any], None], columns: int = 6) -> None:
+    """One bordered cell per row, `columns` across (fewer on narrow screens); `render(row)` fills a cell."""
+    cells = st.grid(columns, border=True, gap="small")
+    for row in rows:
+        with cells.cell():
+            render(row)
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _blank(size: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (size, size), PAD_COLOUR).save(out, format="PNG")
+    return out.getvalue()
+
+
+def image_or_note(path: str | Path, note: str = "File moved or deleted", size: int = THUMB_SIZE) -> bool:
+    """The square thumbnail of `path`, or an empty square of the same size captioned `note` (so the grid
+    stays even); True when the image was shown."""
+    data = square_thumb(path, size)
+    if data is None:
+        st.image(_blank(size), width="stretch")
+        st.caption(f":material/hide_image: {note}")
+        return False
+    st.image(data, width="stretch")
+    return True
+
+
+def loss_caption(row: pd.Series) -> str:
+    """fastai's top-losses caption, one fact per line: prediction / actual, loss, probability of the prediction."""
+    colour = "green" if row["correct"] else "red"
+    return (f":{colour}[**{row['predicted'] or '—'}**] / {row['actual'] or '—'}  \n"
+            f"loss {row['loss']:.2f} · prob {row['prob_pred']:.2f}")
+
+
+def require_run_tables() -> tuple[Path, pd.DataFrame]:
+    """The selected run and its valid-split item table; stops the page with a clear note when there is none."""
+    run = current_run()
+    if run is None:
+        st.info("No run yet: train a model first, then come back to see where it goes wrong.")
+        st.page_link("app_pages/train.py", label="Go to Train", icon=":material/model_training:")
+        st.stop()
+    table = run_table(run, "valid")
+    if table is not None:
+        return run, table
+    try:
+        state = runs.status(run).get("state")
+    except (OSError, ValueError):
+        state = None
+    if state in runs.ACTIVE_STATES:
+        st.info(f"Run **{run.name}** is still {state}. Its model and tables appear here when it finishes.")
+    elif state == runs.FAILED:
+        st.warning(f"Run **{run.name}** failed, so it has no model to look at. Pick another run in the sidebar.")
+    else:
+        st.info(f"Run **{run.name}** has no model and interpretation tables yet ({state or 'unknown state'}). "
+                "Pick a finished run in the sidebar, or train one.")
+    st.page_link("app_pages/train.py", label="Go to Train", icon=":material/model_training:")
+    st.stop()
+    raise AssertionError("unreachable")  # st.stop() raises

@@ -1,0 +1,722 @@
+"""The Train page's parts: the config form, the LR finder panel and the live view of a run.
+
+Live views read a run's events.jsonl incrementally through `RunTail` (one per run, shared by every
+browser tab watching it): each poll reads only the bytes appended since the last one and keeps a
+bounded, decimated history, so the server's memory stays flat however long the run.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from core import runs
+from core.data import DataConfig
+from core.env import runs_dir
+from core.fileio import read_json
+from core.job import DATASET_RECORD, has_checkpoint, load_lr_find
+from core.lrfind import SUGGESTIONS
+from core.model import ARCHS, HEADS, ModelConfig, pretrained_cache_path
+from core.train import OPTIMIZERS, SCHEDULES, TrainConfig
+from ui import charts
+from ui.cache import thumb
+
+MAX_POINTS = 1000  # per-batch points kept per run; older ones are thinned evenly as the run grows
+POLL_SECONDS = 1.0
+HARDEST = 12
+LR_FIND_KEY = "train_lr_find_run"
+LR_FIND_HINT = "lr-find"
+LR_FIND_TASKS = ("lr-find",)  # the task core.runs.start and core.job record for an LR-finder sweep
+LR_FIND_STEPS = 100
+
+# ---------------------------------------------------------------- reading a run's events incrementally
+
+
+def total_epochs(config: dict) -> int:
+    """Epochs a run trains for: fine_tune adds its frozen epochs in front."""
+    epochs = int(config.get("epochs") or 0)
+    if config.get("schedule") == "fine_tune":
+        epochs += int(config.get("freeze_epochs") or 0)
+    return max(epochs, 1)
+
+
+@dataclass(frozen=True)
+class RunView:
+    """A consistent snapshot of what a run has reported so far, safe to render while the reader moves on."""
+
+    batches: pd.DataFrame  # step, epoch, smooth_loss, lr, mom (decimated)
+    epochs: pd.DataFrame  # one row per epoch: epoch, step, train_loss, valid_loss, metrics..., seconds
+    start: dict | None  # the latest start event (n_train, n_valid, n_batches, vocab, bad_files, config)
+    last_batch: dict | None  # the latest batch event
+    error: dict | None  # the latest error event (message, traceback)
+    lr_points: tuple[tuple[float, float | None], ...]  # an LR sweep's (lr, loss) so far
+    seen: frozenset[str]  # event kinds seen since the latest start
+    total_epochs: int
+    session_start: float | None  # time of the latest start event (a resume starts a new session)
+    session_progress: float  # share of the run done when that session started
+
+    def progress(self) -> float:
+        """Share of all batches of all epochs done, from the latest batch and epoch events."""
+        done = 0.0
+        if self.last_batch:
+            b = self.last_batch
+            done = (b.get("epoch", 0) + b.get("batch", 0) / max(b.get("n_batches") or 1, 1)) / self.total_epochs
+        if len(self.epochs):
+            done = max(done, (int(self.epochs["epoch"].max()) + 1) / self.total_epochs)
+        return min(done, 1.0)
+
+    def eta(self, now: float | None = None) -> float | None:
+        """Seconds left at the pace of the current session, or None before there is a pace to go by."""
+        if self.session_start is None:
+            return None
+        done = self.progress() - self.session_progress
+        elapsed = (now or time.time()) - self.session_start
+        if done <= 0.005 or elapsed <= 0:
+            return None
+        return max(0.0, elapsed / done * (1.0 - self.progress()))
+
+
+class RunTail:
+    """Follows one run's events.jsonl from a byte offset; keeps derived data small."""
+
+    def __init__(self, run_dir: Path, max_points: int = MAX_POINTS):
+        self.run_dir = Path(run_dir)
+        self.max_points = max_points
+        self._lock = threading.Lock()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.offset = 0
+        self.stride = 1
+        self.batches: list[tuple[int, int, float | None, float | None, float | None]] = []
+        self.last_batch: dict | None = None
+        self.epochs: dict[int, dict] = {}
+        self.start: dict | None = None
+        self.error: dict | None = None
+        self.lr_points: list[tuple[float, float | None]] = []
+        self.seen: set[str] = set()
+        self.session_start: float | None = None
+        self.session_progress = 0.0
+        try:
+            self.total = total_epochs(read_json(self.run_dir / runs.CONFIG_FILE))
+        except (OSError, ValueError, TypeError):
+            self.total = 1
+
+    def update(self) -> RunView:
+        """Read what was appended since the last call (nothing at all when the file did not grow)."""
+        with self._lock:
+            path = self.run_dir / runs.EVENTS_FILE
+            size = path.stat().st_size if path.exists() else 0
+            if size < self.offset:  # replaced or truncated: start over
+                self._reset()
+            if size > self.offset:
+                events, self.offset = runs.read_events(self.run_dir, since=self.offset)
+                for event in events:
+                    self._add(event)
+            return self._view()
+
+    def _add(self, e: dict[str, Any]) -> None:
+        kind = e.get("event")
+        self.seen.add(kind)
+        if kind == "batch":
+            self._add_batch(e)
+        elif kind == "epoch":
+            row = {k: v for k, v in e.items() if k not in ("event", "time")}
+            row["step"] = self.last_batch.get("step") if self.last_batch else None
+            self.epochs[int(e.get("epoch", len(self.epochs)))] = row
+        elif kind == "start":
+            self.start = e
+            self.seen = {"start"}
+            self.error = None
+            if isinstance(e.get("config"), dict):
+                self.total = total_epochs(e["config"])
+            self.session_start = e.get("time")
+            self.session_progress = self._view().progress()
+        elif kind == "error":
+            self.error = e
+        elif kind == "lr_find":
+            self.lr_points.append((e.get("lr"), e.get("loss")))
+
+    def _add_batch(self, e: dict[str, Any]) -> None:
+        self.last_batch = e
+        step = int(e.get("step", 0))
+        if step % self.stride:
+            return
+        self.batches.append((step, e.get("epoch"), e.get("smooth_loss"), e.get("lr"), e.get("mom")))
+        if len(self.batches) > self.max_points:  # thin evenly: keep every other kept point, sample half as often
+            self.stride *= 2
+            self.batches = [b for b in self.batches if b[0] % self.stride == 0]
+
+    def _view(self) -> RunView:
+        batches = list(self.batches)
+        if self.last_batch and (not batches or batches[-1][0] != self.last_batch.get("step")):
+            b = self.last_batch  # the curve always reaches the latest step, whatever the thinning
+            batches.append((b.get("step"), b.get("epoch"), b.get("smooth_loss"), b.get("lr"), b.get("mom")))
+        frame = pd.DataFrame(batches, columns=["step", "epoch", "smooth_loss", "lr", "mom"])
+        epochs = pd.DataFrame([self.epochs[k] for k in sorted(self.epochs)])
+        return RunView(frame, epochs, self.start, self.last_batch, self.error, tuple(self.lr_points),
+                       frozenset(self.seen), self.total, self.session_start, self.session_progress)
+
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def _tail(run_dir: str) -> RunTail:
+    return RunTail(Path(run_dir))
+
+
+def run_view(run_dir: Path) -> RunView:
+    """What `run_dir` has reported so far; the reader behind it is shared by every session watching the run."""
+    return _tail(str(Path(run_dir).resolve())).update()
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def fmt_seconds(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "–"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def safe_status(run_dir: Path) -> dict:
+    try:
+        return runs.status(run_dir)
+    except (OSError, ValueError) as exc:
+        return {"state": runs.UNREADABLE, "error": f"Cannot read the run's status: {exc}"}
+
+
+def read_config(run_dir: Path) -> dict:
+    try:
+        config = read_json(Path(run_dir) / runs.CONFIG_FILE)
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def is_lr_find(run_dir: Path, status: dict | None = None) -> bool:
+    status = status if status is not None else safe_status(run_dir)
+    return status.get("task") in LR_FIND_TASKS or (Path(run_dir) / "lr_find.json").exists()
+
+
+def _log_tail(run_dir: Path, n_bytes: int = 6000) -> str:
+    path = Path(run_dir) / runs.LOG_FILE
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - n_bytes))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def config_summary(config: dict) -> str:
+    model, data = config.get("model", {}), config.get("data", {})
+    schedule = config.get("schedule", "?")
+    epochs = config.get("epochs")
+    if schedule == "fine_tune":
+        epochs = f"{config.get('freeze_epochs', 0)}+{epochs}"
+    weights = "pretrained" if model.get("pretrained") else "from scratch"
+    return (f"{model.get('arch', '?')} ({weights}) · {schedule} · {epochs} epochs · lr {config.get('lr', 0):.1e} · "
+            f"{data.get('size')} px · batch {data.get('batch_size')} · data `{Path(data.get('path', '')).name}`")
+
+
+# ---------------------------------------------------------------- the form
+
+SCHEDULE_HELP = (
+    "**fine_tune**: fastai's transfer-learning recipe, the pretrained body frozen for the first epoch(s), then "
+    "everything trained at lower rates. **one_cycle**: everything trained from the start, the rate warming up "
+    "then annealing (best from scratch). **plateau**: a fixed rate, cut when the valid loss stops improving."
+)
+_DEFAULT_MODEL, _DEFAULT_TRAIN, _DEFAULT_DATA = ModelConfig(), TrainConfig(), DataConfig()
+FORM_DEFAULTS: dict[str, Any] = {
+    "train_arch": _DEFAULT_MODEL.arch,
+    "train_pretrained": _DEFAULT_MODEL.pretrained,
+    "train_schedule": _DEFAULT_TRAIN.schedule,
+    "train_epochs": _DEFAULT_TRAIN.epochs,
+    "train_lr": f"{_DEFAULT_TRAIN.lr:g}",
+    "train_size": _DEFAULT_DATA.size,
+    "train_bs": _DEFAULT_DATA.batch_size,
+    "train_freeze_epochs": _DEFAULT_TRAIN.freeze_epochs,
+    "train_optimizer": _DEFAULT_TRAIN.optimizer,
+    "train_wd": _DEFAULT_TRAIN.weight_decay,
+    "train_pct_start": _DEFAULT_TRAIN.pct_start,
+    "train_label_smoothing": _DEFAULT_TRAIN.label_smoothing,
+    "train_dropout": _DEFAULT_MODEL.dropout,
+    "train_head": _DEFAULT_MODEL.head,
+    "train_early_stopping": _DEFAULT_TRAIN.early_stopping,
+    "train_workers": "auto",
+    "train_keep_best": _DEFAULT_TRAIN.keep_best,
+    "train_mixed_precision": _DEFAULT_TRAIN.mixed_precision,
+}
+WORKER_CHOICES = ("auto", 0, 1, 2, 4, 8)
+
+
+def config_form() -> dict[str, Any]:
+    """The training form; returns the widget values by key. Values live in widget state kept for the
+    session (persist_state), so a page switch or a suggestion button never loses them."""
+    for key, default in FORM_DEFAULTS.items():
+        st.session_state.setdefault(key, default)
+    keep = dict(persist_state="session")
+    c1, c2 = st.columns([3, 2], vertical_alignment="bottom")
+    c1.selectbox("Architecture", list(ARCHS), key="train_arch", help="torchvision backbone; resnet18/34 train fast.",
+                 **keep)
+    c2.checkbox("Pretrained", key="train_pretrained",
+                help="Start from ImageNet weights: far better with little data. Untick to train from scratch.", **keep)
+    c1, c2 = st.columns([3, 2])
+    c1.selectbox("Schedule", SCHEDULES, key="train_schedule", help=SCHEDULE_HELP, **keep)
+    c2.number_input("Epochs", min_value=1, max_value=1000, step=1, key="train_epochs",
+                    help="fine_tune: epochs after the frozen one(s).", **keep)
+    c1, c2, c3 = st.columns(3)
+    c1.text_input("Learning rate", key="train_lr", help="e.g. 3e-3. fine_tune: base rate; one_cycle: peak rate. "
+                  "The LR finder suggests one.", **keep)
+    c2.number_input("Image size (px)", min_value=16, max_value=1024, step=32, key="train_size", **keep)
+    c3.number_input("Batch size", min_value=1, max_value=1024, step=8, key="train_bs", **keep)
+    with st.expander("More options"):
+        c1, c2 = st.columns(2)
+        c1.selectbox("Optimizer", OPTIMIZERS, key="train_optimizer", **keep)
+        c2.number_input("Weight decay", min_value=0.0, max_value=1.0, step=0.01, format="%.3f", key="train_wd", **keep)
+        c1.number_input("Frozen epochs (fine_tune)", min_value=0, max_value=100, step=1, key="train_freeze_epochs",
+                        disabled=st.session_state["train_schedule"] != "fine_tune", **keep)
+        c2.number_input("Warm-up share (one_cycle)", min_value=0.05, max_value=0.95, step=0.05, key="train_pct_start",
+                        disabled=st.session_state["train_schedule"] != "one_cycle", **keep)
+        c1.number_input("Label smoothing", min_value=0.0, max_value=0.5, step=0.05, key="train_label_smoothing", **keep)
+        c2.number_input("Head dropout", min_value=0.0, max_value=0.9, step=0.05, key="train_dropout", **keep)
+        c1.selectbox("Head", HEADS, key="train_head", **keep)
+        c2.number_input("Early stopping", min_value=0, max_value=100, step=1, key="train_early_stopping",
+                        help="Stop after this many epochs without a better valid loss; 0 = off.", **keep)
+        c1.selectbox("Loader workers", WORKER_CHOICES, key="train_workers",
+                     help="DataLoader worker processes; auto picks from the cores available.", **keep)
+        c2.checkbox("Keep the best epoch", key="train_keep_best",
+                    help="Export the weights of the epoch with the lowest valid loss, not the last.", **keep)
+        c2.checkbox("Mixed precision (CUDA)", key="train_mixed_precision", **keep)
+    return {key: st.session_state[key] for key in FORM_DEFAULTS}
+
+
+def parse_lr(text: str) -> float:
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        raise ValueError(f"Learning rate {text!r} is not a number; write it like 3e-3 or 0.003.") from None
+    if not math.isfinite(value):
+        raise ValueError(f"Learning rate {text!r} is not a finite number.")
+    return value
+
+
+_FORM_OWNED = {"path", "size", "batch_size", "num_workers"}
+
+
+def data_options_line(data_options: dict) -> str:
+    """The Data page's label and split choices that differ from the defaults, for a one-line reminder."""
+    defaults = DataConfig()
+    changed = {k: v for k, v in (data_options or {}).items()
+               if k not in _FORM_OWNED and getattr(defaults, k, object()) != v}
+    return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in changed.items())
+
+
+def build_config(dataset: str, data_options: dict, values: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig for the form's values on `dataset`; raises ValueError with a message for the user."""
+    known = {f.name for f in fields(DataConfig)} - _FORM_OWNED
+    options = {k: v for k, v in (data_options or {}).items() if k in known}
+    workers = values["train_workers"]
+    data = DataConfig(path=dataset, **options, size=int(values["train_size"]), batch_size=int(values["train_bs"]),
+                      num_workers=None if workers == "auto" else int(workers))
+    model = ModelConfig(arch=values["train_arch"], pretrained=bool(values["train_pretrained"]),
+                        head=values["train_head"], dropout=float(values["train_dropout"]))
+    return TrainConfig(
+        data=data,
+        model=model,
+        schedule=values["train_schedule"],
+        epochs=int(values["train_epochs"]),
+        freeze_epochs=int(values["train_freeze_epochs"]),
+        lr=parse_lr(values["train_lr"]),
+        pct_start=float(values["train_pct_start"]),
+        optimizer=values["train_optimizer"],
+        weight_decay=float(values["train_wd"]),
+        label_smoothing=float(values["train_label_smoothing"]),
+        early_stopping=int(values["train_early_stopping"]),
+        keep_best=bool(values["train_keep_best"]),
+        mixed_precision=bool(values["train_mixed_precision"]),
+    )
+
+
+def config_hints(cfg: TrainConfig) -> None:
+    """Warnings worth reading before launching: missing offline weights, a recipe that does not fit."""
+    model = cfg.model
+    if model.pretrained and not model.weights_path:
+        path = pretrained_cache_path(model.arch)
+        if not path.exists():
+            st.warning(
+                f"The pretrained {model.arch} weights are not on this machine: the run downloads them, and "
+                f"**fails if this machine is offline**. To work offline, place the file at `{path}`, "
+                "or untick *Pretrained* to train from scratch.",
+                icon=":material/cloud_off:",
+            )
+    elif not model.pretrained and cfg.schedule == "fine_tune":
+        st.info("Training from scratch: *one_cycle* fits better than *fine_tune*, whose frozen first phase "
+                "only makes sense with pretrained weights.", icon=":material/lightbulb:")
+
+
+# ---------------------------------------------------------------- launching
+
+
+def launch_training(cfg: TrainConfig) -> Path | None:
+    """Create the run, start its process in the background and select it; errors end up on the page."""
+    try:
+        run_dir = runs.create(cfg.to_dict(), root=runs_dir(), name_hint=cfg.model.arch)
+        runs.start(run_dir)
+    except (OSError, ValueError) as exc:
+        st.error(f"Could not start the run: {exc}")
+        return None
+    from ui.state import set_run
+
+    set_run(run_dir.name)
+    return run_dir
+
+
+def launch_lr_find(cfg: TrainConfig) -> Path | None:
+    """Start an LR-finder sweep in the background for this config; its run id is kept for the session."""
+    try:
+        run_dir = runs.create(cfg.to_dict(), root=runs_dir(), name_hint=LR_FIND_HINT)
+        runs.start(run_dir, task="lr-find", extra_args=["--num-it", str(LR_FIND_STEPS)])
+    except (OSError, ValueError) as exc:
+        st.error(f"Could not start the learning-rate finder: {exc}")
+        return None
+    st.session_state[LR_FIND_KEY] = run_dir.name
+    return run_dir
+
+
+# ---------------------------------------------------------------- the LR finder panel
+
+
+def lr_find_run(dataset: str, selected: Path | None) -> Path | None:
+    """The sweep to show: this session's, else the selected run when it is a sweep, else the newest for `dataset`."""
+    run_id = st.session_state.get(LR_FIND_KEY)
+    if run_id and (runs_dir() / run_id).is_dir():
+        return runs_dir() / run_id
+    if selected is not None and is_lr_find(selected):
+        return selected
+    sweeps = sorted((p for p in runs_dir().iterdir() if p.is_dir() and f"-{LR_FIND_HINT}-" in p.name), reverse=True)
+    for path in sweeps[:20]:
+        if read_config(path).get("data", {}).get("path") == dataset:
+            return path
+    return None
+
+
+def _use_lr(lr: float) -> None:
+    st.session_state["train_lr"] = f"{lr:.2e}"
+
+
+def lr_find_panel(run_dir: Path | None) -> None:
+    st.subheader("Learning rate finder", anchor=False)
+    if run_dir is None:
+        st.caption("Trains a few batches with the rate growing from 1e-7 to 10 and plots the loss. Pick a rate "
+                   "where the loss still falls steeply, a bit before the minimum; *valley* is a good default.")
+        return
+    status = safe_status(run_dir)
+    if status.get("state") in runs.ACTIVE_STATES:
+        live = st.fragment(_live(run_dir, _lr_find_body), run_every=POLL_SECONDS)
+        live()
+    else:
+        _lr_find_body(run_dir, status, live=False)
+
+
+def _lr_find_body(run_dir: Path, status: dict, live: bool) -> None:
+    state = status.get("state")
+    view = run_view(run_dir)
+    if state == runs.FAILED:
+        st.error(f"The learning-rate finder failed: {status.get('error') or 'see its log'}", icon=":material/error:")
+        _error_details(run_dir, view)
+        return
+    if state in runs.ACTIVE_STATES:
+        n = len(view.lr_points)
+        text = f"Sweeping: step {n}/{LR_FIND_STEPS}"
+        if state == runs.QUEUED and not n:
+            text = "Queued: waiting for the compute…"
+        st.progress(min(n / LR_FIND_STEPS, 1.0), text=text)
+    result = load_lr_find(run_dir) if state == runs.DONE else None
+    lrs = result.lrs if result else [p[0] for p in view.lr_points]
+    losses = result.losses if result else [p[1] for p in view.lr_points]
+    suggestions = result.suggestions if result else {}
+    if lrs:
+        fig = charts.lr_find_figure(lrs, losses, suggestions, height=330, revision=run_dir.name)
+        st.plotly_chart(fig, width="stretch", config={"displaylogo": False})
+    if result and not live:
+        if not suggestions:
+            st.warning("The sweep was too short to suggest a rate; try a larger dataset or a smaller batch size.")
+        names = [name for name in SUGGESTIONS if name in suggestions]
+        cols = st.columns(2)
+        for i, name in enumerate(names):
+            cols[i % 2].button(f"Use {name}: {suggestions[name]:.1e}", key=f"train_use_{name}", on_click=_use_lr,
+                               args=(suggestions[name],), width="stretch",
+                               type="primary" if name == "valley" else "secondary")
+        st.caption(f"Sweep `{run_dir.name}` · {_config_line(read_config(run_dir))}")
+
+
+def _config_line(config: dict) -> str:
+    model, data = config.get("model", {}), config.get("data", {})
+    frozen = " · body frozen" if config.get("schedule") == "fine_tune" and config.get("freeze_epochs") else ""
+    weights = "pretrained" if model.get("pretrained") else "from scratch"
+    return f"{model.get('arch')} ({weights}) · {data.get('size')} px · batch {data.get('batch_size')}{frozen}"
+
+
+# ---------------------------------------------------------------- the run view
+
+
+STATE_BADGES = {
+    runs.CREATED: ("not started", "gray", ":material/radio_button_unchecked:"),
+    runs.QUEUED: ("queued", "gray", ":material/hourglass_top:"),
+    runs.RUNNING: ("running", "blue", ":material/directions_run:"),
+    runs.DONE: ("done", "green", ":material/check_circle:"),
+    runs.STOPPED: ("stopped", "orange", ":material/stop_circle:"),
+    runs.FAILED: ("failed", "red", ":material/error:"),
+    runs.UNREADABLE: ("unreadable", "red", ":material/error:"),
+}
+
+
+def _live(run_dir: Path, body: Callable[[Path, dict, bool], None]) -> Callable[[], None]:
+    """A fragment body that redraws `body` each poll and reruns the whole page once the run is final,
+    so the parts outside the fragment (buttons, the sidebar) catch up and the polling stops."""
+
+    def live() -> None:
+        status = safe_status(run_dir)
+        if status.get("state") not in runs.ACTIVE_STATES:
+            st.rerun()
+        body(run_dir, status, True)
+
+    return live
+
+
+def run_panel(run_dir: Path | None) -> None:
+    """The selected run: live while it is queued or running, its outcome once it ends."""
+    if run_dir is None:
+        st.info("No run yet: set the options above and press **Train**.", icon=":material/model_training:")
+        return
+    status = safe_status(run_dir)
+    if is_lr_find(run_dir, status):
+        st.info("The run selected in the sidebar is a learning-rate sweep (shown above). Pick a training run in "
+                "the sidebar, or start one with **Train**.", icon=":material/info:")
+        return
+    if status.get("state") in runs.ACTIVE_STATES:
+        live = st.fragment(_live(run_dir, _run_body), run_every=POLL_SECONDS)
+        live()
+    else:
+        _run_body(run_dir, status, live=False)
+
+
+def _run_body(run_dir: Path, status: dict, live: bool) -> None:
+    state = status.get("state", runs.UNREADABLE)
+    config = read_config(run_dir)
+    view = run_view(run_dir)
+    _header(run_dir, state, config, live)
+    _outcome(run_dir, status, view)
+    if view.start:
+        _start_line(view)
+    if len(view.batches) or len(view.epochs):
+        n_batches = (view.start or {}).get("n_batches")
+        total = view.total_epochs * n_batches if live and isinstance(n_batches, int) else None
+        left, right = st.columns([3, 2])
+        left.markdown("**Loss**")
+        left.plotly_chart(charts.loss_figure(view.batches, view.epochs, revision=run_dir.name, total_steps=total),
+                          width="stretch", config={"displaylogo": False})
+        right.markdown("**Learning rate and momentum** (head group)")
+        right.plotly_chart(charts.schedule_figure(view.batches, revision=run_dir.name, total_steps=total),
+                           width="stretch", config={"displaylogo": False})
+    if len(view.epochs) or state in runs.ACTIVE_STATES:
+        left, right = st.columns([3, 2])
+        with left:
+            _epoch_table(view)
+        with right:
+            _hardest_images(run_dir)
+
+
+def _header(run_dir: Path, state: str, config: dict, live: bool) -> None:
+    title, buttons = st.columns([4, 1], vertical_alignment="center")
+    label, colour, icon = STATE_BADGES.get(state, (state, "gray", ":material/help:"))
+    title.markdown(f"#### Run `{run_dir.name}` :{colour}-badge[{icon} {label}]")
+    if config:
+        title.caption(config_summary(config))
+    if state in runs.ACTIVE_STATES:
+        stopping = runs.stop_requested(run_dir)
+        if buttons.button("Stop", key="train_stop", icon=":material/stop:", width="stretch", disabled=stopping,
+                          help="Stop after the current batch; a checkpoint is saved and the model exported."):
+            stop_run(run_dir)
+            stopping = True
+        if stopping:
+            title.caption(":orange[Stopping at the end of the current batch…]")
+    elif state in (runs.STOPPED, runs.FAILED) and has_checkpoint(run_dir):
+        if buttons.button("Resume", key="train_resume", icon=":material/play_arrow:", width="stretch",
+                          help="Continue from the last checkpoint."):
+            try:
+                runs.start(run_dir, extra_args=["--resume"])
+            except (OSError, ValueError) as exc:
+                st.error(f"Could not resume the run: {exc}")
+                return
+            st.rerun()
+
+
+def stop_run(run_dir: Path) -> None:
+    """Cooperative stop; a run still queued (not training yet, nothing to save) is ended at once."""
+    runs.request_stop(run_dir)
+    if safe_status(run_dir).get("state") == runs.QUEUED:
+        runs.kill(run_dir)
+
+
+def _outcome(run_dir: Path, status: dict, view: RunView) -> None:
+    state = status.get("state")
+    if state == runs.QUEUED:
+        others = runs.list_runs(run_dir.parent)
+        busy = [r["id"] for r in others if r["state"] == runs.RUNNING and r["id"] != run_dir.name]
+        reason = f"another run (`{busy[0]}`) is using the compute" if busy else "the training process is starting"
+        st.info(f"Queued: {reason}. It starts by itself; this page follows it.", icon=":material/hourglass_top:")
+    elif state == runs.RUNNING:
+        _progress(view)
+    elif state == runs.DONE:
+        _done(status, view)
+    elif state == runs.STOPPED:
+        where = f" after {len(view.epochs)} of {view.total_epochs} epochs" if len(view.epochs) else ""
+        note = status.get("note")  # set when it was stopped by force
+        resume = " **Resume** continues from the checkpoint." if has_checkpoint(run_dir) else ""
+        st.warning(f"Stopped{where}. {note or 'The model as it was is exported.'}{resume}",
+                   icon=":material/stop_circle:")
+    elif state in (runs.FAILED, runs.UNREADABLE):
+        st.error(status.get("error") or "The run failed; see its log below.", icon=":material/error:")
+        _error_details(run_dir, view)
+    elif state == runs.CREATED:
+        st.info("This run was created but never started.", icon=":material/radio_button_unchecked:")
+
+
+def _progress(view: RunView) -> None:
+    b = view.last_batch
+    if not b:
+        st.progress(0.0, text="Loading the data and building the model…")
+        return
+    epoch, done = int(b.get("epoch", 0)), view.progress()
+    finished_epochs = set(view.epochs["epoch"]) if len(view.epochs) else set()
+    if len(finished_epochs) >= view.total_epochs or "early_stop" in view.seen or "stopped" in view.seen:
+        text = "Exporting the model and computing the interpretation tables…"
+    else:
+        frozen = ""
+        config = (view.start or {}).get("config") or {}
+        if config.get("schedule") == "fine_tune" and epoch < int(config.get("freeze_epochs") or 0):
+            frozen = " (body frozen)"
+        phase = f"batch {b.get('batch')}/{b.get('n_batches')}"
+        if b.get("batch") == b.get("n_batches") and epoch not in finished_epochs:
+            phase = "validating"
+        elapsed = time.time() - view.session_start if view.session_start else None
+        text = (f"Epoch {epoch + 1}/{view.total_epochs}{frozen} · {phase} · {fmt_seconds(elapsed)} elapsed · "
+                f"about {fmt_seconds(view.eta())} left")
+    st.progress(done, text=text)
+
+
+def _done(status: dict, view: RunView) -> None:
+    begin, end = status.get("running_at") or status.get("started_at"), status.get("finished_at")
+    timed = isinstance(begin, (int, float)) and isinstance(end, (int, float))
+    took = f" in {fmt_seconds(end - begin)}" if timed else ""
+    parts = []
+    if len(view.epochs):
+        last = view.epochs.iloc[-1]
+        parts.append(f"valid loss {last['valid_loss']:.4f}" if pd.notna(last.get("valid_loss")) else "")
+        for metric in ("error_rate", "accuracy_multi"):
+            if metric in last and pd.notna(last[metric]):
+                parts.append(f"{metric.replace('_', ' ')} {last[metric]:.2%}")
+    early = " (stopped early: no better valid loss)" if "early_stop" in view.seen else ""
+    st.success(f"Done{took}{early}: " + ", ".join(p for p in parts if p), icon=":material/check_circle:")
+    with st.container(horizontal=True):
+        st.page_link("app_pages/interpret.py", label="See its mistakes on Interpret", icon=":material/insights:")
+        st.page_link("app_pages/predict.py", label="Try it on Predict", icon=":material/image_search:")
+
+
+def _error_details(run_dir: Path, view: RunView) -> None:
+    if view.error and view.error.get("traceback"):
+        with st.expander("Traceback"):
+            st.code(view.error["traceback"], language="python")
+    else:
+        log = _log_tail(run_dir)
+        if log:
+            with st.expander("End of the run's log"):
+                st.code(log, language=None)
+
+
+def _start_line(view: RunView) -> None:
+    s = view.start
+    vocab = s.get("vocab") or []
+    names = ", ".join(vocab[:8]) + (", …" if len(vocab) > 8 else "")
+    st.caption(f"{s.get('n_train')} training and {s.get('n_valid')} validation images · {len(vocab)} classes "
+               f"({names}) · {s.get('n_batches')} batches per epoch · on {s.get('device')}")
+    bad = s.get("bad_files") or []
+    if bad:
+        with st.expander(f"{len(bad)} unreadable image(s) were skipped", icon=":material/warning:"):
+            st.dataframe(pd.DataFrame(bad), hide_index=True, width="stretch")
+
+
+def _epoch_table(view: RunView) -> None:
+    st.markdown("**Epochs**")
+    if not len(view.epochs):
+        st.caption("The table grows by one row per epoch.")
+        return
+    table = view.epochs.drop(columns=[c for c in ("step",) if c in view.epochs], errors="ignore").copy()
+    if "seconds" in table:
+        table["time"] = table.pop("seconds").map(fmt_seconds)
+    number = st.column_config.NumberColumn(format="%.4f")
+    st.dataframe(table, hide_index=True, width="stretch",
+                 column_config={c: number for c in table.columns if c not in ("epoch", "time")})
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _hardest(npz: str, npz_mtime: float, record: str, record_mtime: float, k: int) -> list[dict]:
+    with np.load(npz) as arrays:
+        items, losses = arrays["item"], arrays["loss"]
+    data = read_json(record)
+    entries, root = data["items"], Path(data["root"])
+    out, seen = [], set()
+    # Item ids index the dataset record exactly as the run saw it (not a rebuilt source, which drops files
+    # deleted since, and would shift every index after them).
+    for i in np.argsort(-losses, kind="stable"):
+        item = int(items[i])
+        if item in seen or not 0 <= item < len(entries):
+            continue
+        seen.add(item)
+        entry = entries[item]
+        out.append({"file": str(root / entry["file"]), "label": ", ".join(entry["labels"]), "loss": float(losses[i])})
+        if len(out) == k:
+            break
+    return out
+
+
+def latest_item_losses(run_dir: Path) -> Path | None:
+    files = sorted((Path(run_dir) / "item_losses").glob("epoch_*.npz"))
+    return files[-1] if files else None
+
+
+def _hardest_images(run_dir: Path) -> None:
+    npz, record = latest_item_losses(run_dir), Path(run_dir) / DATASET_RECORD
+    if npz is None or not record.exists():
+        st.markdown("**Hardest training images**")
+        st.caption("After the first epoch: the training images with the highest loss.")
+        return
+    epoch = int(npz.stem.split("_")[-1])
+    st.markdown(f"**Hardest training images** · epoch {epoch}")
+    try:
+        rows = _hardest(str(npz), npz.stat().st_mtime, str(record), record.stat().st_mtime, HARDEST)
+    except (OSError, ValueError, KeyError) as exc:
+        st.caption(f"Cannot read the per-image losses: {exc}")
+        return
+    per_row = 4
+    for start in range(0, len(rows), per_row):
+        for col, row in zip(st.columns(per_row), rows[start:start + per_row]):
+            data = thumb(row["file"], size=160)
+            if data is None:
+                col.caption(f"(file gone) {row['label']}")
+            else:
+                col.image(data, width="stretch")
+            col.caption(f"**{row['label']}** · loss {row['loss']:.2f}")
