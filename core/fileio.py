@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -46,3 +47,11 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def file_version_key(path: str | os.PathLike, variant: object = "") -> str:
+    """A cache key that changes whenever the file does (path, size, mtime), so stale entries are never read."""
+    path = Path(path)
+    stat = path.stat()
+    raw = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{variant}"
+    return hashlib.sha1(raw.encode("utf-8", "surrogateescape")).hexdigest()

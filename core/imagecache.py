@@ -8,7 +8,6 @@ LR finder and interpretation skip JPEG decoding; the warm-up decodes in parallel
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from collections.abc import Callable, Sequence
@@ -20,20 +19,13 @@ import numpy as np
 from core.augment import presize
 from core.images import DEFAULT_MAX_PIXELS, open_image
 from core.env import workspace_dir
-from core.fileio import atomic_write
+from core.fileio import atomic_write, file_version_key
 
 MEMORY_BUDGET = 2 * 2**30  # bytes of decoded images kept in this process's memory
 
 
 def cache_root() -> Path:
     return workspace_dir() / "cache" / "decoded"
-
-
-def entry_key(path: Path, side: int) -> str:
-    """Changes whenever the file does (size or mtime), so stale entries are never read."""
-    stat = path.stat()
-    raw = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{side}"
-    return hashlib.sha1(raw.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -59,7 +51,7 @@ class DecodedImages:
         if i in self.memory:
             return self.memory[i]
         path = self.files[i]
-        entry = self.folder / f"{entry_key(path, self.side)}.npy"
+        entry = self.folder / f"{file_version_key(path, self.side)}.npy"
         try:
             array = np.load(entry, allow_pickle=False)
         except (FileNotFoundError, ValueError, EOFError):

@@ -116,6 +116,7 @@ def run_training(run_dir: str | Path, resume: bool = False) -> int:
             should_stop = lambda: signals.received or runs.stop_requested(run_dir)  # noqa: E731
             learner = Learner(cfg, on_event=report, should_stop=should_stop, run_dir=run_dir)
             _announce(learner, report, run_dir, resume)
+            _warm_cache(learner, report)
             state = load_checkpoint(run_dir) if resume else None
             try:
                 learner.fit(state)
@@ -155,6 +156,18 @@ def _announce(learner: Learner, report: Reporter, run_dir: Path, resume: bool) -
         n_batches=len(dls.train),
         bad_files=[{"file": str(b.path), "reason": b.reason} for b in dls.bad],
     )
+
+
+def _warm_cache(learner: Learner, report: Reporter) -> None:
+    """Decode every image once, in parallel, before the first epoch; later epochs and runs read the cache."""
+    train, valid = learner.dls.train.dataset.images, learner.dls.valid.dataset.images
+    total, entry_mb = len(train) + len(valid), 3 * train.side**2 / 2**20  # one uint8 square per image
+
+    def progress(offset: int):
+        return lambda done, _: report("cache", done=offset + done, total=total, cache_mb=(offset + done) * entry_mb)
+
+    train.warm(on_progress=progress(0))
+    valid.warm(on_progress=progress(len(train)))
 
 
 def _finish(learner: Learner, report: Reporter, run_dir: Path) -> None:

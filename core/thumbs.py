@@ -6,14 +6,13 @@ so an edited or replaced image gets a fresh thumbnail and stale ones are simply 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 from pathlib import Path
 
 from core.images import DEFAULT_MAX_PIXELS, open_image
 from core.env import workspace_dir
-from core.fileio import atomic_write_bytes
+from core.fileio import atomic_write_bytes, file_version_key
 
 THUMB_SIZE = 192
 
@@ -22,16 +21,10 @@ def cache_dir() -> Path:
     return workspace_dir() / "cache" / "thumbs"
 
 
-def _key(path: Path, size: int) -> str:
-    stat = path.stat()
-    raw = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{size}"
-    return hashlib.sha1(raw.encode("utf-8", "surrogateescape")).hexdigest()
-
-
 def thumbnail(path: str | os.PathLike, size: int = THUMB_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
     """JPEG bytes of the image at `path`, upright, fitting in size x size; raises OSError/ValueError if unreadable."""
     path = Path(path)
-    cached = cache_dir() / f"{_key(path, size)}.jpg"
+    cached = cache_dir() / f"{file_version_key(path, size)}.jpg"
     if cached.exists():
         return cached.read_bytes()
     img = open_image(path, max_pixels, draft=size * 2)  # JPEGs decode at reduced scale: fast for big photos

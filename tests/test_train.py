@@ -114,7 +114,7 @@ def test_a_run_writes_every_file_and_event(finished_run):
     assert runs.status(finished_run)["state"] == runs.DONE
     kinds = [e["event"] for e in runs.load_events(finished_run)]
     assert kinds[0] == "start" and kinds[-1] == "done"
-    for kind in ("batch", "epoch", "checkpoint", "exported", "interpreted"):
+    for kind in ("cache", "batch", "epoch", "checkpoint", "exported", "interpreted"):
         assert kind in kinds, kind
     epochs = runs.load_events(finished_run, "epoch")
     assert [e["epoch"] for e in epochs] == list(range(6))

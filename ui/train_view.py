@@ -63,6 +63,7 @@ class RunView:
     total_epochs: int
     session_start: float | None  # time of the latest start event (a resume starts a new session)
     session_progress: float  # share of the run done when that session started
+    cache: dict | None = None  # the latest decode-cache progress event (done, total, cache_mb)
 
     def progress(self) -> float:
         """Share of all batches of all epochs done, from the latest batch and epoch events."""
@@ -106,6 +107,7 @@ class RunTail:
         self.seen: set[str] = set()
         self.session_start: float | None = None
         self.session_progress = 0.0
+        self.cache: dict | None = None
         try:
             self.total = total_epochs(read_json(self.run_dir / runs.CONFIG_FILE))
         except (OSError, ValueError, TypeError):
@@ -145,6 +147,8 @@ class RunTail:
             self.error = e
         elif kind == "lr_find":
             self.lr_points.append((e.get("lr"), e.get("loss")))
+        elif kind == "cache":
+            self.cache = e
 
     def _add_batch(self, e: dict[str, Any]) -> None:
         self.last_batch = e
@@ -164,7 +168,7 @@ class RunTail:
         frame = pd.DataFrame(batches, columns=["step", "epoch", "smooth_loss", "lr", "mom"])
         epochs = pd.DataFrame([self.epochs[k] for k in sorted(self.epochs)])
         return RunView(frame, epochs, self.start, self.last_batch, self.error, tuple(self.lr_points),
-                       frozenset(self.seen), self.total, self.session_start, self.session_progress)
+                       frozenset(self.seen), self.total, self.session_start, self.session_progress, self.cache)
 
 
 @st.cache_resource(max_entries=16, show_spinner=False)
@@ -598,7 +602,13 @@ def _outcome(run_dir: Path, status: dict, view: RunView) -> None:
 def _progress(view: RunView) -> None:
     b = view.last_batch
     if not b:
-        st.progress(0.0, text="Loading the data and building the model…")
+        c = view.cache
+        if c and c.get("done", 0) < c.get("total", 0):
+            text = (f"Decoding images into the cache (once per dataset and size): {c['done']}/{c['total']} · "
+                    f"cache {c.get('cache_mb', 0):.0f} MB")
+            st.progress(c["done"] / max(c["total"], 1), text=text)
+        else:
+            st.progress(0.0, text="Loading the data and building the model…")
         return
     epoch, done = int(b.get("epoch", 0)), view.progress()
     finished_epochs = set(view.epochs["epoch"]) if len(view.epochs) else set()
