@@ -54,7 +54,7 @@ def run_loupe(a: argparse.Namespace) -> dict:
 
     from core import interpret
     from core.data import DataConfig
-    from core.job import _item_table
+    from core.job import split_table
     from core.lrfind import lr_find
     from core.model import ModelConfig, load_bundle, predict
     from core.train import Learner, TrainConfig, get_preds

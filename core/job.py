@@ -184,8 +184,10 @@ def _finish(learner: Learner, report: Reporter, run_dir: Path) -> None:
 
 def split_table(learner: Learner, dls: DataLoaders, split: str):
     """The per-item table (core.interpret.item_table) of one side of the split: one inference pass."""
-    ids = getattr(dls.split, split)
-    loader = make_loader(dls.source, ids, learner.cfg.data, train=False, device=learner.device)
+    if split == "valid":
+        loader = dls.valid  # its images are already decoded in memory: the table costs one inference pass
+    else:
+        loader = make_loader(dls.source, getattr(dls.split, split), learner.cfg.data, train=False, device=learner.device)
     preds = get_preds(learner, loader)
     probs = torch.sigmoid(preds.logits) if dls.multi_label else torch.softmax(preds.logits, dim=1)
     return interpret.item_table(
@@ -211,8 +213,9 @@ def interpret_run(run_dir: str | Path, split: str = "valid"):
     cfg = load_config(run_dir)
     source, item_split = source_from_record(read_json(run_dir / DATASET_RECORD))
     bundle = load_bundle(bundle_path)
-    empty = make_loader(source, item_split.valid[:0], cfg.data, train=False)
-    dls = DataLoaders(empty, empty, source, item_split, [])
+    no_training = make_loader(source, item_split.train[:0], cfg.data, train=False)
+    valid = make_loader(source, item_split.valid, cfg.data, train=False)
+    dls = DataLoaders(no_training, valid, source, item_split, [])
     learner = Learner(cfg, dls=dls, model=bundle.model)
     table = split_table(learner, dls, split)
     interpret.save_table(table, path)
