@@ -2,6 +2,7 @@
 
 import streamlit as st
 
+from ui.auth import auth_configured, logged_in, login_page, render_account
 from ui.sidebar import render_sidebar
 
 st.set_page_config(page_title="Loupe", page_icon=":material/center_focus_strong:", layout="wide")
@@ -18,6 +19,11 @@ pages = {
         st.Page("app_pages/runs.py", title="Runs", icon=":material/history:"),
     ],
 }
-page = st.navigation(pages)
-render_sidebar()
+if auth_configured() and not logged_in():
+    # The navigation holds the login page alone: no other page exists for this visitor, not even by URL.
+    page = st.navigation([st.Page(login_page, title="Log in", icon=":material/login:")], position="hidden")
+else:
+    page = st.navigation(pages)
+    render_sidebar()
+    render_account()
 page.run()

@@ -1,89 +1,33 @@
 """Clean: review each class by loss, mark images to delete or relabel, apply in one step (with undo), retrain."""
 
 from __future__ import annotations
-
 from datetime import datetime
 from pathlib import Path
-
 import pandas as pd
 import streamlit as st
-
 from core import clean, interpret, runs
 from core.data import LAYOUT_NAMES
+from core.env import check_data_path
 from core.fileio import read_json
 from ui.cache import run_table
 from ui.gallery import grid, image_or_note, paginate, require_run_tables, reset_page
 from ui.state import set_run
-
-PER_PAGE = 24  # fills 4, 6 or 8 columns evenly
-PAGE_KEY = "clean_page"
-MARKS_KEY = "clean_marks"  # {file path: "delete" | "relabel:<class>"}: kept across class, split and page changes
-MARK_WIDGET = "clean_mark:"  # + file path: the key of each image's selectbox
-RESULT_KEY = "clean_result"  # the last apply/undo outcome, shown until the next one
-KEEP, DELETE, RELABEL = "keep", "delete", "relabel:"
-
-
-def mark_label(option: str) -> str:
-    if option == KEEP:
-        return "Keep"
-    if option == DELETE:
-        return "Delete"
-    return f"Move to {option.removeprefix(RELABEL)}"
-
-
-def set_mark(file: str) -> None:
-    """Selectbox callback: record the mark before the script runs, so the staged counts above are current."""
-    choice = st.session_state[MARK_WIDGET + file]
-    if choice == KEEP:
-        st.session_state[MARKS_KEY].pop(file, None)
-    else:
-        st.session_state[MARKS_KEY][file] = choice
-
-
-def clear_marks() -> None:
-    st.session_state[MARKS_KEY].clear()
-    for key in [k for k in st.session_state if str(k).startswith(MARK_WIDGET)]:
-        del st.session_state[key]  # the selectboxes on screen go back to Keep too
-
-
-def to_change(file: str, mark: str, computed_at: float) -> clean.Change:
-    if mark == DELETE:
-        return clean.Change(Path(file), clean.DELETE, computed_at=computed_at)
-    return clean.Change(Path(file), clean.RELABEL, mark.removeprefix(RELABEL), computed_at=computed_at)
-
-
-def report(result: clean.CleanResult) -> None:
-    """Keep the outcome for the next rerun: a summary line and every skipped file with its reason."""
-    st.session_state[RESULT_KEY] = {
-        "summary": result.summary() if (result.applied or result.skipped) else "Nothing to undo.",
-        "skipped": [f"{m.source.name}: {m.reason}" for m in result.skipped],
-    }
-
-
-def failed(what: str, error: OSError) -> None:
-    st.session_state[RESULT_KEY] = {"error": f"Could not {what}: {error}. Nothing was lost; files already moved "
-                                             "are in the change log and can be undone."}
-
-
-def apply_marks(datasets: list[clean.Dataset], changes: list[clean.Change]) -> None:
-    try:
-        result = clean.apply_to(datasets, changes)
-    except OSError as e:  # e.g. a read-only dataset folder: no log, no trash can be made
-        failed("apply the changes", e)
-        return
-    marks = st.session_state[MARKS_KEY]
-    for change in changes:  # moved now, or gone before: either way nothing is left to mark
-        if not Path(change.file).exists():
-            marks.pop(str(change.file), None)
-    report(result)
-
-
-def undo(datasets: list[clean.Dataset]) -> None:
-    try:
-        report(clean.undo_last_of(datasets))
-    except OSError as e:
-        failed("undo", e)
-
+from ui.clean_view import (
+    PER_PAGE,
+    PAGE_KEY,
+    MARKS_KEY,
+    MARK_WIDGET,
+    RESULT_KEY,
+    KEEP,
+    DELETE,
+    RELABEL,
+    mark_label,
+    set_mark,
+    clear_marks,
+    to_change,
+    apply_marks,
+    undo,
+)
 
 st.title("Clean")
 run, valid = require_run_tables()
@@ -91,6 +35,12 @@ try:
     datasets = clean.run_datasets(run)
 except (OSError, ValueError, KeyError) as e:
     st.error(f"Run **{run.name}** does not say which dataset it was trained on ({e}); it cannot be cleaned here.")
+    st.stop()
+try:  # a run made from the command line may have trained on a folder this server must not change
+    for dataset in datasets:
+        check_data_path(dataset.root)
+except ValueError as e:
+    st.error(f"Run **{run.name}** trained on a folder that cannot be cleaned here: {e}", icon=":material/block:")
     st.stop()
 root, layout = datasets[0].root, datasets[0].layout
 if not root.is_dir():

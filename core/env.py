@@ -54,6 +54,35 @@ def workspace_dir() -> Path:
     return root.resolve()
 
 
+def allowed_data_roots() -> list[Path] | None:
+    """The folders a served Loupe may read datasets from: $LOUPE_DATA_ROOTS (os.pathsep-separated), resolved.
+
+    Unset means no restriction (one person running Loupe on their own machine). Set, even to an empty
+    string, it restricts: an empty list leaves only the workspace (see check_data_path).
+    """
+    raw = os.environ.get("LOUPE_DATA_ROOTS")
+    if raw is None:
+        return None
+    return [Path(part.strip()).expanduser().resolve() for part in raw.split(os.pathsep) if part.strip()]
+
+
+def check_data_path(path: str | os.PathLike) -> Path:
+    """`path` resolved (symlinks followed), or ValueError when it lies outside every allowed root.
+
+    The workspace (uploads, the demo, feedback) is always allowed. Resolving first means neither `..`
+    nor a symlink inside an allowed root can lead out of it.
+    """
+    resolved = Path(path).expanduser().resolve()
+    roots = allowed_data_roots()
+    if roots is None:
+        return resolved
+    roots = [*roots, workspace_dir()]
+    if any(resolved.is_relative_to(root) for root in roots):
+        return resolved
+    allowed = ", ".join(f"`{root}`" for root in roots)
+    raise ValueError(f"`{path}` is outside the folders this server may read: {allowed}.")
+
+
 def runs_dir() -> Path:
     """Where run directories are created: <workspace>/runs."""
     path = workspace_dir() / "runs"

@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from core.model import freeze, param_groups, unfreeze
 from core.train import Learner, SmoothedLoss, make_optimizer, per_item

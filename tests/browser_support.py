@@ -77,12 +77,14 @@ def streamlit_server(home: Path, timeout: float = 90) -> Iterator[str]:
 
 
 def wait_for_app(page, timeout_ms: int = 90_000) -> None:
-    """Wait until the page's script has run: its title is drawn and Streamlit's running indicator is gone."""
+    """Wait until the page's script has run: its title is drawn, and Streamlit's running indicator, spinners
+    and element placeholders have been gone for a second."""
     page.wait_for_selector("[data-testid='stMain'] [data-testid='stHeading']", timeout=timeout_ms)
     deadline = time.monotonic() + timeout_ms / 1000
     quiet_since = None
     while time.monotonic() < deadline:
-        if page.locator("[data-testid='stStatusWidget']").count() == 0:
+        busy = "[data-testid='stStatusWidget'], [data-testid='stSpinner'], [data-testid='stSkeleton']"
+        if page.locator(busy).count() == 0:
             quiet_since = quiet_since or time.monotonic()
             if time.monotonic() - quiet_since > 1.0:
                 return

@@ -24,7 +24,7 @@ from core import data
 from core.augment import BatchAugment, presize, presize_side, resize_batch
 from core.data import DataConfig, DataSource, Split
 from core.demo import DemoSpec, make_demo_dataset
-from core.env import workspace_dir
+from core.env import check_data_path, workspace_dir
 from core.images import BadImage, open_image
 from core.uploads import UploadError, extract_zip
 from ui import gallery
@@ -49,7 +49,11 @@ def data_options() -> dict:
 
 def open_dataset(folder: str | Path) -> None:
     """Make `folder` the dataset, forget the options that belonged to the previous one, and rerun."""
-    set_dataset(folder)
+    try:
+        set_dataset(folder)
+    except ValueError as e:  # outside the allowed roots (LOUPE_DATA_ROOTS): nothing is opened
+        st.error(f"{e}", icon=":material/block:")
+        return
     options = data_options()
     for name in PER_DATASET:
         options.pop(name, None)
@@ -63,6 +67,10 @@ def folder_problem(folder: str | Path) -> str | None:
     text = str(folder).strip()
     if not text:
         return "Type the path of a folder of images."
+    try:
+        check_data_path(text)  # before any look at the folder: say nothing about what lies outside the roots
+    except ValueError as e:
+        return f"{e}"
     path = Path(text).expanduser()
     if not path.exists():
         return f"There is no folder at `{path}`. Check the spelling; a relative path starts from where Loupe runs."

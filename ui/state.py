@@ -8,7 +8,7 @@ from pathlib import Path
 import streamlit as st
 
 from core import runs
-from core.env import runs_dir, workspace_dir
+from core.env import check_data_path, runs_dir, workspace_dir
 from core.fileio import atomic_write_json
 
 DATASET_KEY = "dataset"
@@ -21,18 +21,31 @@ def demo_path() -> Path:
     return workspace_dir() / "demo"
 
 
+def allowed(folder: str | Path) -> bool:
+    """Whether this server may read `folder` (see core.env.check_data_path)."""
+    try:
+        check_data_path(folder)
+    except ValueError:
+        return False
+    return True
+
+
 def recent_datasets() -> list[str]:
-    """Dataset folders opened before, newest first, that still exist."""
+    """Dataset folders opened before, newest first, that still exist and this server may still read."""
     path = workspace_dir() / RECENT_FILE
     try:
         folders = json.loads(path.read_text())
     except (OSError, ValueError):
         return []
-    return [f for f in folders if isinstance(f, str) and Path(f).is_dir()]
+    # The allowed roots may have changed since a folder was remembered (LOUPE_DATA_ROOTS is read per call).
+    return [f for f in folders if isinstance(f, str) and allowed(f) and Path(f).is_dir()]
 
 
 def current_dataset() -> str | None:
-    """The dataset folder in use: this session's choice, else the most recent one."""
+    """The dataset folder in use: this session's choice, else the most recent one; never one outside the roots."""
+    folder = st.session_state.get(DATASET_KEY)
+    if folder is not None and not allowed(folder):
+        del st.session_state[DATASET_KEY]
     if DATASET_KEY not in st.session_state:
         recent = recent_datasets()
         st.session_state[DATASET_KEY] = recent[0] if recent else None
@@ -40,7 +53,8 @@ def current_dataset() -> str | None:
 
 
 def set_dataset(folder: str | Path) -> None:
-    folder = str(Path(folder).expanduser().resolve())
+    """Make `folder` this session's dataset and the newest recent folder; ValueError when it is outside the roots."""
+    folder = str(check_data_path(folder))
     st.session_state[DATASET_KEY] = folder
     recent = [folder] + [f for f in recent_datasets() if f != folder]
     atomic_write_json(workspace_dir() / RECENT_FILE, recent[:MAX_RECENT])
