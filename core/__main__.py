@@ -94,7 +94,15 @@ def _prepare_run_dir(a: argparse.Namespace) -> Path:
         return runs.create(cfg.to_dict(), name_hint=cfg.model.arch)
     if (a.run_dir / runs.CONFIG_FILE).exists():
         raise DataError(f"{a.run_dir} already holds a run; choose a new --run-dir or omit DATA to continue it.")
-    a.run_dir.mkdir(parents=True, exist_ok=True)
+    if a.run_dir.exists() and not a.run_dir.is_dir():
+        raise DataError(f"--run-dir {a.run_dir} is a file, not a folder; choose a new --run-dir.")
+    try:
+        a.run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a parent that is a file, a read-only or missing mount: one line, not a traceback
+        raise DataError(f"Cannot create the run directory {a.run_dir}: {e.strerror or e}.") from None
+    from core.job import check_run_dir
+
+    check_run_dir(a.run_dir)  # not writable, or a full disk: refused before any file of the run is written
     return runs.create_in(a.run_dir, cfg.to_dict())
 
 

@@ -25,7 +25,9 @@ from core.env import default_num_workers
 from core.imagecache import DecodedImages
 from core.images import DEFAULT_MAX_PIXELS, BadImage, DataError, verify_images
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+# .heic/.heif are listed although Pillow cannot read them, so they are reported with the reason
+# (core.images.HEIF_REASON) instead of vanishing from the dataset without a word.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif"})
 LAYOUTS = ("auto", "folders", "split_folders", "filename_regex", "csv")
 LAYOUT_NAMES = {
     "folders": "one folder per class",
@@ -137,6 +139,20 @@ class DataSource:
 
 
 # ---------------------------------------------------------------- finding files
+
+
+def path_text(path: str | os.PathLike) -> str:
+    """`path` as text that is valid UTF-8, for tables, logs and pages.
+
+    A file name that is not valid UTF-8 (from an old zip or another OS) reaches Python with its bad bytes
+    as lone surrogates; Arrow strings (pandas' default), protobuf and a UTF-8 stdout all refuse those, so
+    they are shown as backslash escapes (`bad\\xff.png`). Every other path comes back unchanged.
+    JSON needs no such care: json.dumps escapes surrogates and json.loads restores them exactly.
+    """
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def is_image_file(path: Path) -> bool:

@@ -12,6 +12,10 @@ from PIL import Image, ImageOps
 
 # Far above any photo (~89 Mpx), far below what a decompression bomb declares.
 DEFAULT_MAX_PIXELS = 89_478_485
+# ISO base media "ftyp" brands of HEIF files (iPhone photos): Pillow cannot decode them without a plugin,
+# so they are named for what they are rather than reported as "not an image".
+HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"})
+HEIF_REASON = "HEIC/HEIF images are not supported; convert them to JPEG or PNG (e.g. export from Photos)"
 
 
 class DataError(ValueError):
@@ -22,6 +26,20 @@ class DataError(ValueError):
 class BadImage:
     path: Path
     reason: str
+
+
+def is_heif_header(head: bytes) -> bool:
+    """True when `head` (a file's first 12 bytes or more) opens a HEIF container: an "ftyp" box, HEIF brand."""
+    return len(head) >= 12 and head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS
+
+
+def is_heif(path: str | os.PathLike) -> bool:
+    """True when the file at `path` is a HEIF container, whatever its name."""
+    try:
+        with open(path, "rb") as f:
+            return is_heif_header(f.read(12))
+    except OSError:
+        return False
 
 
 def check_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
@@ -48,7 +66,7 @@ def check_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -
         return f"decompression bomb: {e}"
     except OSError as e:
         if "cannot identify image file" in str(e):
-            return "not an image (content is not a known image format)"
+            return HEIF_REASON if is_heif(path) else "not an image (content is not a known image format)"
         return f"cannot be decoded: {e}"
     except (ValueError, SyntaxError, EOFError, Image.DecompressionBombWarning) as e:
         return f"cannot be decoded: {e}"
@@ -92,6 +110,10 @@ def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, dr
         img = Image.open(path)
     except Image.DecompressionBombError as e:  # PIL's own refusal, at twice its limit: one error type for callers
         raise DataError(f"{Path(path).name}: decompression bomb: {e}") from None
+    except Image.UnidentifiedImageError:
+        if is_heif(path):  # say what it is, so the user knows converting fixes it
+            raise DataError(f"{Path(path).name}: {HEIF_REASON}.") from None
+        raise
     with img:
         if img.width * img.height > max_pixels:
             raise DataError(f"{Path(path).name}: declares {img.width}x{img.height} pixels, over the {max_pixels:,} limit.")

@@ -7,6 +7,8 @@ events.jsonl streams what happens, STOP asks for a clean stop. Nothing here assu
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import signal
 import sys
 import traceback
@@ -15,8 +17,9 @@ from pathlib import Path
 import torch
 
 from core import interpret, runs
-from core.data import DataLoaders, make_loader, source_from_record, source_record
+from core.data import DataLoaders, make_loader, path_text, source_from_record, source_record
 from core.fileio import atomic_write_json, read_json
+from core.images import DataError
 from core.lrfind import LRFindResult, lr_find
 from core.model import load_bundle
 from core.train import (
@@ -32,6 +35,46 @@ from core.train import (
 
 DATASET_RECORD = "dataset.json"
 LR_FIND_FILE = "lr_find.json"
+MIN_FREE_MB_ENV = "LOUPE_MIN_FREE_MB"
+DEFAULT_MIN_FREE_MB = 500  # checkpoints, the bundle and the tables of a resnet34 run stay well below this
+SKIPPED_LISTED = 20  # file names a "skipped" event lists; the count covers the rest
+
+
+class RunDirError(DataError):
+    """The run directory cannot hold a run (not a folder, not writable, too little free space)."""
+
+
+def min_free_mb() -> float:
+    """Free space, in MB, a run directory's disk must have before a run starts ($LOUPE_MIN_FREE_MB, else 500)."""
+    value = os.environ.get(MIN_FREE_MB_ENV, "")
+    try:
+        return float(value) if value.strip() else DEFAULT_MIN_FREE_MB
+    except ValueError:
+        raise RunDirError(f"{MIN_FREE_MB_ENV} must be a number of megabytes, not {value!r}.") from None
+
+
+def check_run_dir(run_dir: str | Path) -> None:
+    """Refuse, with a message for the user, a run directory that is not a writable folder with room to spare.
+
+    Called before the model is built: a full disk found by the first checkpoint would cost an epoch and
+    could leave the run without any checkpoint at all.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        what = "is a file, not a folder" if run_dir.exists() else "does not exist"
+        raise RunDirError(f"The run directory {path_text(run_dir)} {what}.")
+    probe = run_dir / f".write-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"loupe")
+        probe.unlink()
+    except OSError as e:
+        raise RunDirError(f"Cannot write in the run directory {path_text(run_dir)}: {e.strerror or e}.") from None
+    free, need = shutil.disk_usage(run_dir).free / 2**20, min_free_mb()
+    if free < need:
+        raise RunDirError(
+            f"Only {free:,.0f} MB free on the disk of {path_text(run_dir)}; a run needs at least {need:,.0f} MB "
+            f"(set by {MIN_FREE_MB_ENV}). Free some space or put the workspace (LOUPE_HOME) on another disk."
+        )
 
 
 class EpochTable:
@@ -108,6 +151,7 @@ def run_training(run_dir: str | Path, resume: bool = False) -> int:
     report = Reporter(writer)
     signals = _Signals()
     try:
+        check_run_dir(run_dir)  # before queueing for the compute: a full disk fails the run at once
         cfg = load_config(run_dir)
         with runs.acquire_compute_lock(run_dir.parent):
             runs.mark_running(run_dir)
@@ -144,7 +188,7 @@ def _announce(learner: Learner, report: Reporter, run_dir: Path, resume: bool) -
     atomic_write_json(run_dir / DATASET_RECORD, source_record(dls.source, dls.split))
     print(f"Loupe run {run_dir.name}: {dls.source.describe()} on {learner.device}", flush=True)
     for bad in dls.bad:
-        print(f"skipped {bad.path}: {bad.reason}", file=sys.stderr, flush=True)
+        print(f"skipped {path_text(bad.path)}: {bad.reason}", file=sys.stderr, flush=True)
     report(
         "start",
         resume=resume,
@@ -179,7 +223,21 @@ def _finish(learner: Learner, report: Reporter, run_dir: Path) -> None:
     for split in ("valid", "train"):
         table = split_table(learner, learner.dls, split)
         interpret.save_table(table, interpret.table_path(run_dir, split))
+        _report_missing(learner.dls, split, table["item"].tolist(), report)
     report("interpreted", splits=["valid", "train"])
+
+
+def _report_missing(dls: DataLoaders, split: str, seen: list[int], report: Reporter) -> None:
+    """Items of `split` that could not be read any more (moved by the cleaner, deleted, changed since the
+    check): the run still finishes, and says which files its tables leave out."""
+    missing = sorted(set(getattr(dls.split, split).tolist()) - set(seen))
+    if not missing:
+        return
+    files = [path_text(dls.source.files[i]) for i in missing]
+    report("skipped", split=split, count=len(missing), files=files[:SKIPPED_LISTED],
+           reason="moved, deleted or unreadable since the dataset was checked")
+    print(f"skipped {len(missing)} {split} file(s) no longer readable: {', '.join(files[:SKIPPED_LISTED])}",
+          file=sys.stderr, flush=True)
 
 
 def split_table(learner: Learner, dls: DataLoaders, split: str):
@@ -193,7 +251,7 @@ def split_table(learner: Learner, dls: DataLoaders, split: str):
     return interpret.item_table(
         probs,
         preds.targets,
-        [str(dls.source.files[i]) for i in preds.ids.tolist()],
+        [path_text(dls.source.files[i]) for i in preds.ids.tolist()],  # Arrow strings refuse bad UTF-8
         dls.vocab,
         multi_label=dls.multi_label,
         split=split,
@@ -228,6 +286,7 @@ def run_lr_find(run_dir: str | Path, num_it: int = 100, start_lr: float = 1e-7, 
     run_dir = Path(run_dir)
     with runs.EventWriter(run_dir) as writer:
         try:
+            check_run_dir(run_dir)
             with runs.acquire_compute_lock(run_dir.parent):
                 runs.mark_running(run_dir)
                 learner = Learner(load_config(run_dir), run_dir=run_dir)

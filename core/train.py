@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from core import interpret
 from core.augment import BatchAugment, normalize, resize_batch
-from core.data import DataConfig, DataLoaders, make_dataloaders
+from core.data import DataConfig, DataLoaders, make_dataloaders, path_text
 from core.env import resolve_device, seed_everything
 from core.fileio import atomic_write
 from core.model import BundleMeta, ModelConfig, build_model, freeze, load_bundle, lrs_for_groups, param_groups, save_bundle, unfreeze
@@ -305,10 +305,12 @@ class Learner:
         self.dls.train.sampler.set_epoch(ctx["epoch"], skip_batches=skip, batch_size=self.dls.train.batch_size)
         total, count = (partial["loss_sum"], partial["loss_count"]) if partial else (0.0, 0)
         item_ids, item_losses = (list(partial["item_ids"]), list(partial["item_losses"])) if partial else ([], [])
+        seen: list[int] = []  # this pass's items, to report the ones that could not be read
         for batch_index, batch in enumerate(self.dls.train, start=skip):
             if batch is None:  # every file of the batch vanished since verification
                 continue
             x, y, ids = batch
+            seen.extend(ids.tolist())
             loss = self._train_step(x, y, ids, ctx, item_ids, item_losses)
             total, count = total + loss * len(ids), count + len(ids)
             self.on_event(
@@ -320,8 +322,23 @@ class Learner:
                 partial = dict(loss_sum=total, loss_count=count, item_ids=item_ids, item_losses=item_losses)
                 self.save_checkpoint(ctx, batch=batch_index + 1, partial=partial)
                 raise StopRequested(f"Stopped at epoch {ctx['epoch']}, batch {batch_index + 1}.")
+        self._report_skipped(ctx["epoch"], seen)
         self._save_item_losses(ctx["epoch"], item_ids, item_losses)
         return total / max(count, 1)
+
+    def _report_skipped(self, epoch: int, seen: list[int]) -> None:
+        """A 'skipped' event when files the epoch should have read were gone or unreadable (the loader
+        leaves them out of their batch rather than failing the run)."""
+        loader = self.dls.train
+        order = list(loader.sampler)  # the same order the epoch drew: a pure function of seed and epoch
+        if loader.drop_last:
+            order = order[: len(order) // loader.batch_size * loader.batch_size]
+        source_ids = loader.dataset.ids  # the sampler draws dataset positions; batches carry source indices
+        missing = sorted({source_ids[k] for k in order} - set(seen))
+        if missing:
+            files = [path_text(self.dls.source.files[i]) for i in missing[:20]]
+            self.on_event("skipped", epoch=epoch, split="train", count=len(missing), files=files,
+                          reason="moved, deleted or unreadable since the dataset was checked")
 
     def _train_step(self, x, y, ids, ctx: dict, item_ids: list, item_losses: list) -> float:
         x, y = self.to_device(x, y, train=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -40,9 +41,9 @@ def run_table(run_dir: Path, split: str = "valid") -> pd.DataFrame | None:
 
 
 @st.cache_data(max_entries=4096, show_spinner=False)
-def _thumb(path: str, mtime: float, size: int) -> bytes | None:
+def _thumb(path: bytes, mtime: float, size: int) -> bytes | None:
     try:
-        return thumbnail(path, size)
+        return thumbnail(os.fsdecode(path), size)
     except (OSError, ValueError):
         return None
 
@@ -50,4 +51,5 @@ def _thumb(path: str, mtime: float, size: int) -> bytes | None:
 def thumb(path: str | Path, size: int = 192) -> bytes | None:
     """JPEG thumbnail bytes for a gallery, or None for a file that is gone or unreadable."""
     path = Path(path)
-    return _thumb(str(path), _mtime(path), size)
+    # bytes as the cache key: a file name that is not valid UTF-8 cannot be hashed as text
+    return _thumb(os.fsencode(path), _mtime(path), size)

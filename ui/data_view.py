@@ -22,7 +22,7 @@ from PIL import Image
 
 from core import data
 from core.augment import BatchAugment, presize, presize_side, resize_batch
-from core.data import DataConfig, DataSource, Split
+from core.data import DataConfig, DataSource, Split, path_text
 from core.demo import DemoSpec, make_demo_dataset
 from core.env import check_data_path, workspace_dir
 from core.images import BadImage, open_image
@@ -406,7 +406,7 @@ def counts_figure(source: DataSource, split: Split):
     return fig
 
 
-def _header_size(path: str) -> tuple[int, int] | None:
+def _header_size(path: bytes) -> tuple[int, int] | None:
     """Width and height from the header only (no decode), as displayed: EXIF turns of 90 degrees swap them."""
     try:
         with Image.open(path) as img:
@@ -419,14 +419,14 @@ def _header_size(path: str) -> tuple[int, int] | None:
 
 
 @st.cache_data(max_entries=8, show_spinner="Reading image sizes…")
-def _sizes(paths: tuple[str, ...]) -> pd.DataFrame:
+def _sizes(paths: tuple[bytes, ...]) -> pd.DataFrame:
     found = [s for s in map(_header_size, paths) if s is not None]
     return pd.DataFrame(found, columns=["width", "height"])
 
 
 def image_sizes(source: DataSource) -> pd.DataFrame:
     """Sizes of at most SIZE_SAMPLE images, sampled the same way every time."""
-    files = [str(f) for f in source.files]
+    files = [os.fsencode(f) for f in source.files]  # bytes: a name that is not UTF-8 hashes and opens fine
     if len(files) > SIZE_SAMPLE:
         pick = np.random.default_rng(0).choice(len(files), SIZE_SAMPLE, replace=False)
         files = [files[i] for i in sorted(pick)]
@@ -528,7 +528,7 @@ def render_gallery(source: DataSource, split: Split) -> None:
         for i in shown:
             with cells.cell():
                 gallery.image_or_note(source.files[i], note="Moved or changed since the check")
-                st.caption(_short(source.files[i].stem, 16))
+                st.caption(_short(path_text(source.files[i].stem), 16))
 
 
 def render_problems(source: DataSource, bad: list[BadImage]) -> None:
@@ -539,9 +539,9 @@ def render_problems(source: DataSource, bad: list[BadImage]) -> None:
 
     def rel(path: Path) -> str:
         try:
-            return path.resolve().relative_to(source.root).as_posix()
+            return path_text(path.resolve().relative_to(source.root).as_posix())
         except ValueError:
-            return str(path)
+            return path_text(path)
 
     rows = [(rel(b.path), "cannot be used", b.reason) for b in bad]
     rows += [(rel(path), "no label", why) for path, why in source.unlabelled]
@@ -604,7 +604,7 @@ def render_augmentations(source: DataSource, split: Split, cfg: DataConfig) -> N
         return
     captions = ["as validated"] + [f"training {k}" for k in range(1, PREVIEW_COPIES + 1)]
     for i, row in zip(picks, rows):
-        st.caption(f"**{source.labels[i][0]}** · {source.files[i].name}")
+        st.caption(f"**{source.labels[i][0]}** · {path_text(source.files[i].name)}")
         with st.container(horizontal=True, gap="small"):
             for image, caption in zip(row, captions):
                 st.image(image, caption=caption, width=120)

@@ -1,0 +1,464 @@
+"""Hardening (issue 6): odd file names, HEIC, empty classes, big folders, and runs that are signalled, killed,
+starved of disk, started twice, or whose dataset changes under them. Real files, real child processes, real
+torch on 32 px images; docs/reliability.md maps every row of the issue to its test."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from core import interpret, runs
+from core.clean import Change, apply_changes
+from core.data import DataConfig, list_images, load_source, make_dataloaders, path_text, prepare
+from core.demo import DemoSpec, make_demo_dataset
+from core.fileio import atomic_write, atomic_write_json, read_json
+from core.images import HEIF_REASON, DataError, check_image, open_image, verify_images
+from core.job import DATASET_RECORD
+from core.model import ModelConfig
+from core.thumbs import thumbnail
+from core.train import CHECKPOINT, Learner, TrainConfig, load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+APP = str(REPO / "app.py")
+TRAIN_PAGE = "app_pages/train.py"
+BAD_UTF8 = os.fsdecode(b"bad\xff.png")  # what Python makes of a name that is not valid UTF-8
+UNICODE = "ours_ß_熊.jpg"
+TINY_CLI = ["--no-pretrained", "--schedule", "one_cycle", "--size", "32", "--bs", "8", "--lr", "1e-2", "--workers", "0"]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def tiny_config(dataset: Path, epochs: int = 3, **overrides) -> dict:
+    """resnet18 from scratch at 32 px, batch 8, no worker processes: the config a page would write."""
+    data = DataConfig(path=str(dataset), size=32, batch_size=8, num_workers=0)
+    settings = {"schedule": "one_cycle", "epochs": epochs, "lr": 1e-2, **overrides}
+    return TrainConfig(data=data, model=ModelConfig(pretrained=False), **settings).to_dict()
+
+
+def until(predicate: Callable[[], object], timeout: float = 120, run: Path | None = None, poll: float = 0.02):
+    """Poll until `predicate()` is truthy and return it; a run that fails meanwhile fails the test with its log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if run is not None and runs.read_status(run).get("state") == runs.FAILED:
+            raise AssertionError(f"run failed: {(run / runs.LOG_FILE).read_text()}")
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(poll)
+
+
+def core_cli(*args, home: Path, timeout: float = 240, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "LOUPE_HOME": str(home), "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run([sys.executable, "-m", "core", *map(str, args)], cwd=REPO, env=full_env, check=False,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def write_png(path: Path, colour: tuple[int, int, int], size: int = 32) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), colour).save(path, format="PNG")
+    return path
+
+
+def heic_bytes() -> bytes:
+    """The start of an iPhone photo: an ISO-BMFF 'ftyp' box with the heic brand, then a meta box."""
+    ftyp = b"ftypheic" + b"\x00\x00\x00\x00" + b"mif1heic"
+    return len(ftyp).to_bytes(4, "big") + ftyp + b"\x00\x00\x00\x10meta" + bytes(64)
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A workspace of the test's own; background runs inherit it and one intra-op thread (shared machine)."""
+    workspace = tmp_path / "home"
+    monkeypatch.setenv("LOUPE_HOME", str(workspace))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    return workspace
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> Path:
+    """48 drawn shapes at 32 px: 39 training images, 4 batches of 8 an epoch."""
+    return make_demo_dataset(tmp_path / "demo", DemoSpec(n_per_class=16, size=32, seed=0))
+
+
+@pytest.fixture
+def background():
+    """Run dirs a test launched; any still active at the end is killed, so no child outlives the test."""
+    launched: list[Path] = []
+    yield launched
+    for run in launched:
+        if runs.status(run).get("state") in runs.ACTIVE_STATES:
+            runs.kill(run, signal.SIGKILL)
+            runs.wait(run, timeout=20)
+
+
+def launch(run: Path, background: list[Path], **kwargs) -> int:
+    background.append(run)
+    return runs.start(run, **kwargs)
+
+
+# ---------------------------------------------------------------- file names
+
+
+def names_dataset(root: Path) -> Path:
+    """Two classes of 10 with one file named in bytes that are not UTF-8 and one in non-Latin Unicode."""
+    for k, cls in enumerate(("cat", "dog")):
+        for i in range(10):
+            write_png(root / cls / f"{cls}_{i}.png", (200 * (1 - k), 40, 200 * k))
+    write_png(root / "cat" / BAD_UTF8, (200, 40, 0))
+    Image.new("RGB", (32, 32), (0, 40, 200)).save(root / "dog" / UNICODE, format="JPEG")
+    return root
+
+
+def test_odd_file_names_are_listed_verified_and_thumbnailed(tmp_path: Path, home: Path):
+    root = names_dataset(tmp_path / "names")
+    assert os.fsencode(root / "cat" / BAD_UTF8).endswith(b"/bad\xff.png")  # really the raw byte on disk
+    files = list_images(root)
+    names = {f.name for f in files}
+    assert {BAD_UTF8, UNICODE} <= names and len(files) == 22
+    assert verify_images(files) == []
+    source = load_source(DataConfig(path=str(root)))
+    labels = {f.name: ls[0] for f, ls in zip(source.files, source.labels)}
+    assert labels[BAD_UTF8] == "cat" and labels[UNICODE] == "dog"
+    for name in (BAD_UTF8, UNICODE):
+        path = next(f for f in files if f.name == name)
+        with Image.open(io.BytesIO(thumbnail(path, 64))) as thumb:
+            assert thumb.format == "JPEG" and max(thumb.size) == 32  # never upscaled past the original
+    assert path_text(root / "cat" / BAD_UTF8).endswith("bad\\xff.png")  # valid UTF-8 for tables and pages
+    assert path_text(root / "dog" / UNICODE) == str(root / "dog" / UNICODE)  # real Unicode is kept as it is
+
+
+def test_json_and_events_keep_a_non_utf8_name_exactly(tmp_path: Path):
+    atomic_write_json(tmp_path / "record.json", {"file": BAD_UTF8, "other": UNICODE})
+    assert read_json(tmp_path / "record.json") == {"file": BAD_UTF8, "other": UNICODE}  # \udcff escape round-trips
+    with runs.EventWriter(tmp_path) as events:
+        events.emit("skipped", files=[BAD_UTF8, UNICODE])
+    assert runs.load_events(tmp_path, "skipped")[0]["files"] == [BAD_UTF8, UNICODE]
+
+
+def test_odd_file_names_train_and_every_run_file_is_written(tmp_path: Path, home: Path):
+    root = names_dataset(tmp_path / "names")
+    run = tmp_path / "run"
+    result = core_cli("train", root, "--run-dir", run, "--epochs", "1", *TINY_CLI, home=home)
+    assert result.returncode == 0, result.stderr
+    assert runs.status(run)["state"] == runs.DONE
+    record = read_json(run / DATASET_RECORD)
+    assert {"cat/" + BAD_UTF8, "dog/" + UNICODE} <= {item["file"] for item in record["items"]}  # exact names
+    tables = [interpret.load_table(interpret.table_path(run, split)) for split in ("train", "valid")]
+    shown = {Path(f).name for table in tables for f in table["file"]}
+    assert {"bad\\xff.png", UNICODE} <= shown and len(shown) == 22  # every item, none lost to its name
+
+
+# ---------------------------------------------------------------- HEIC, empty classes
+
+
+def test_heic_is_named_by_its_content_with_a_clear_reason(tmp_path: Path):
+    for name in ("IMG_0001.heic", "IMG_0002.jpg"):  # the extension does not matter, the content does
+        (tmp_path / name).write_bytes(heic_bytes())
+        assert check_image(tmp_path / name) == HEIF_REASON
+        with pytest.raises(DataError, match="HEIC/HEIF images are not supported; convert"):
+            open_image(tmp_path / name)
+    (tmp_path / "page.jpg").write_text("<html>not a picture</html>")
+    assert "not an image" in check_image(tmp_path / "page.jpg")  # other non-images keep their own reason
+    assert [f.name for f in list_images(tmp_path)] == ["IMG_0001.heic", "IMG_0002.jpg", "page.jpg"]
+
+
+def test_an_empty_class_folder_is_no_class(tmp_path: Path):
+    for k, cls in enumerate(("cat", "dog")):
+        for i in range(6):
+            write_png(tmp_path / cls / f"{i}.png", (200 * k, 90, 40))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "only_notes").mkdir()
+    (tmp_path / "only_notes" / "readme.txt").write_text("no images here")
+    (tmp_path / "dog" / "IMG_9.heic").write_bytes(heic_bytes())
+    source, bad, _ = prepare(DataConfig(path=str(tmp_path)))
+    assert source.vocab == ["cat", "dog"] and len(source) == 12
+    assert [(b.path.name, b.reason) for b in bad] == [("IMG_9.heic", HEIF_REASON)]
+    dls = make_dataloaders(DataConfig(path=str(tmp_path), size=16, batch_size=4, num_workers=0))
+    assert dls.n_classes == 2
+
+
+def test_data_page_shows_the_classes_that_have_images_and_says_why_heic_is_left_out(tmp_path: Path, home: Path):
+    root = tmp_path / "pets"
+    for k, cls in enumerate(("cat", "dog")):
+        for i in range(12):
+            write_png(root / cls / f"{cls}_{i}.png", (200 * k, 90, 40), size=16)
+    (root / "empty").mkdir()
+    (root / "cat" / "IMG_0001.heic").write_bytes(heic_bytes())
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.session_state["dataset"] = str(root)
+    at.run()
+    assert not at.exception, at.exception
+    assert {m.label: m.value for m in at.metric}["Classes"] == "2"
+    assert at.segmented_control(key="data_gallery_class").options == ["cat (12)", "dog (12)"]
+    problems = at.dataframe[0].value
+    assert list(problems["file"]) == ["cat/IMG_0001.heic"] and "HEIC" in problems["reason"].iloc[0]
+
+
+# ---------------------------------------------------------------- big folders
+
+
+def test_listing_twenty_thousand_nested_files_finds_them_all_in_order(tmp_path: Path):
+    expected = []
+    for i in range(20_000):
+        folder = tmp_path / f"class_{i % 4}" / f"part_{i % 40:02d}" / f"sub_{i % 3}"
+        if i < 120:
+            folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{i:05d}.jpg"
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
+        expected.append(path)
+    files = list_images(tmp_path)
+    assert files == sorted(expected)
+    assert load_source(DataConfig(path=str(tmp_path))).class_counts() == {f"class_{k}": 5000 for k in range(4)}
+
+
+def test_data_page_pages_a_twenty_thousand_image_class_and_makes_only_the_thumbnails_shown(
+    tmp_path: Path, home: Path
+):
+    # Hard links of two real images: 20,000 decodable files in a second (verification still opens each one).
+    root = tmp_path / "big"
+    originals = [write_png(tmp_path / f"{c}.png", colour, size=8) for c, colour in (("a", (220, 0, 0)), ("b", (0, 0, 220)))]
+    for i in range(20_000):
+        folder = root / ("a", "b")[i % 2] / f"part_{i % 20:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        os.link(originals[i % 2], folder / f"{i:05d}.jpg")
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.session_state["dataset"] = str(root)
+    at.run()
+    assert not at.exception, at.exception
+    assert {m.label: m.value for m in at.metric}["Images"] == "20,000"
+    thumbs = home / "cache" / "thumbs"
+
+    def gallery() -> tuple[list[str], int]:
+        [grid] = at.get("grid")
+        return [c.value for c in grid.caption], len(grid.get("image"))
+
+    first, images = gallery()
+    assert len(first) == images == 24
+    assert len(list(thumbs.glob("*.jpg"))) == 24  # one page of thumbnails made, not ten thousand
+    at.pagination(key="data_gallery_page_0_all").set_value(300)
+    at.run()
+    assert not at.exception, at.exception
+    later, images = gallery()
+    assert len(later) == images == 24 and not set(later) & set(first)
+    assert len(list(thumbs.glob("*.jpg"))) == 48
+
+
+# ---------------------------------------------------------------- stop, kill, resume
+
+
+def test_sigterm_ends_the_run_within_one_batch_with_a_checkpoint(tmp_path: Path, home: Path, demo: Path, background):
+    run = runs.create(tiny_config(demo, epochs=3), root=tmp_path / "runs")
+    launch(run, background)
+    until(lambda: runs.load_events(run, "batch"), run=run)
+    sent = time.time()
+    assert runs.kill(run, signal.SIGTERM)
+    final = runs.wait(run, timeout=60)
+    assert final["state"] == runs.STOPPED, (run / runs.LOG_FILE).read_text()
+    batches = runs.load_events(run, "batch")
+    assert len([b for b in batches if b["time"] >= sent]) <= 1  # the flag is seen at the next batch boundary
+    state = torch.load(run / CHECKPOINT, map_location="cpu", weights_only=True)
+    assert (state["epoch"], state["batch"]) == (batches[-1]["epoch"], batches[-1]["batch"])
+    assert runs.load_events(run)[-1]["event"] == "stopped" and len(runs.load_events(run, "epoch")) < 3
+
+
+def test_kill_9_mid_epoch_is_failed_and_resume_finishes_every_epoch(tmp_path: Path, home: Path, demo: Path,
+                                                                    background):
+    run = runs.create(tiny_config(demo, epochs=3), root=tmp_path / "runs")
+    pid = launch(run, background)
+    until(lambda: any(b["epoch"] >= 1 for b in runs.load_events(run, "batch")), run=run)  # epoch 0 checkpointed
+    os.killpg(os.getpgid(pid), signal.SIGKILL)  # a crash, not runs.kill (which records a deliberate stop)
+    final = runs.wait(run, timeout=30)
+    assert final["state"] == runs.FAILED and final["error"] == runs.DIED_MESSAGE
+    assert final["returncode"] == -signal.SIGKILL
+    state = load_checkpoint(run)  # torch.load(weights_only=True): intact and safe to read
+    assert state["epoch"] >= 1 and state["batch"] == 0
+    assert len(runs.load_events(run, "epoch")) < 3
+
+    launch(run, background, extra_args=["--resume"])
+    final = runs.wait(run, timeout=180)
+    assert final["state"] == runs.DONE, (run / runs.LOG_FILE).read_text()
+    epochs = [e["epoch"] for e in runs.load_events(run, "epoch")]
+    assert epochs[-1] == 2 and sorted(set(epochs)) == [0, 1, 2]
+    assert runs.load_events(run, "start")[-1]["resume"] is True
+
+
+# ---------------------------------------------------------------- disk
+
+
+def test_too_little_free_space_fails_the_run_before_any_training(tmp_path: Path, home: Path, demo: Path,
+                                                                 monkeypatch, background):
+    monkeypatch.setenv("LOUPE_MIN_FREE_MB", str(10**12))  # more than any disk: the child sees a full one
+    root = tmp_path / "runs"
+    train = runs.create(tiny_config(demo), root=root)
+    sweep = runs.create(tiny_config(demo), root=root)
+    launch(train, background)
+    launch(sweep, background, task="lr-find")
+    for run in (train, sweep):
+        final = runs.wait(run, timeout=60)
+        assert final["state"] == runs.FAILED, final
+        assert "MB free" in final["error"] and "LOUPE_MIN_FREE_MB" in final["error"]
+        [error] = runs.load_events(run, "error")
+        assert "MB free" in error["message"]
+        assert not runs.load_events(run, "start") and not runs.load_events(run, "lr_find")
+        assert not (run / CHECKPOINT).exists()
+
+
+def test_cli_refuses_a_run_dir_it_cannot_use_with_one_line(tmp_path: Path, home: Path, demo: Path):
+    taken = tmp_path / "taken"
+    taken.write_text("my notes")
+    for run_dir, message in ((taken, "is a file, not a folder"), (taken / "run", "Cannot create the run directory")):
+        result = core_cli("train", demo, "--run-dir", run_dir, *TINY_CLI, home=home)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert result.stderr.strip().count("\n") == 0  # one line, no traceback
+    assert taken.read_text() == "my notes"
+    result = core_cli("train", demo, "--run-dir", tmp_path / "new", *TINY_CLI, home=home, LOUPE_MIN_FREE_MB="1e12")
+    assert result.returncode == 2 and "MB free" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_crash_while_writing_a_checkpoint_keeps_the_old_one_and_no_temp_file(tmp_path: Path):
+    target = tmp_path / CHECKPOINT
+    torch.save({"weights": torch.arange(1000.0)}, target)
+    good = target.read_bytes()
+
+    def half_then_disk_full(tmp: Path) -> None:
+        torch.save({"weights": torch.zeros(1000)}, tmp)
+        with open(tmp, "r+b") as f:
+            f.truncate(len(good) // 2)  # half a file on disk, as when the disk fills mid-write
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(target, half_then_disk_full)
+    assert target.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT]
+    assert torch.equal(torch.load(target, weights_only=True)["weights"], torch.arange(1000.0))
+
+
+# ---------------------------------------------------------------- two runs at once
+
+
+def test_two_runs_started_at_once_one_trains_while_the_other_queues(tmp_path: Path, home: Path, demo: Path,
+                                                                     background):
+    root = tmp_path / "runs"
+    configs = [tiny_config(demo, epochs=2, lr=1e-2), tiny_config(demo, epochs=1, lr=5e-3)]
+    made = [runs.create(cfg, root=root) for cfg in configs]  # "Train" clicked twice, or two tabs
+    assert len({p.name for p in made}) == 2 and sorted(p for p in root.iterdir() if p.is_dir()) == sorted(made)
+    for run in made:
+        launch(run, background)
+    pairs = set()
+
+    def both_final() -> bool:
+        states = tuple(runs.status(run)["state"] for run in made)
+        pairs.add(states)
+        return all(s in runs.FINAL_STATES for s in states)
+
+    until(both_final, timeout=240)
+    assert any(set(p) == {runs.RUNNING, runs.QUEUED} for p in pairs), pairs
+    assert (runs.RUNNING, runs.RUNNING) not in pairs
+    statuses = sorted((runs.status(run) for run in made), key=lambda s: s["running_at"])
+    assert statuses[0]["finished_at"] <= statuses[1]["running_at"]  # the compute lock: one after the other
+    for run, cfg in zip(made, configs):
+        assert runs.status(run)["state"] == runs.DONE, (run / runs.LOG_FILE).read_text()
+        assert read_json(run / runs.CONFIG_FILE) == cfg
+        [start] = runs.load_events(run, "start")
+        assert start["config"] == cfg  # its own events only, from its own process
+        assert [e["epoch"] for e in runs.load_events(run, "epoch")] == list(range(cfg["epochs"]))
+
+
+# ---------------------------------------------------------------- the dataset changes during a run
+
+
+def test_files_cleaned_away_during_a_run_are_skipped_and_reported(tmp_path: Path, home: Path, background):
+    data = make_demo_dataset(tmp_path / "demo", DemoSpec(n_per_class=30, size=32, seed=2))
+    run = runs.create(tiny_config(data, epochs=3), root=tmp_path / "runs")
+    launch(run, background)
+    until(lambda: runs.load_events(run, "epoch"), run=run)
+    items = read_json(run / DATASET_RECORD)["items"]
+    moved = [item["file"] for item in items if item["split"] == "train"][:3]
+    result = apply_changes(data, [Change(data / f, "delete") for f in moved], layout="folders")
+    assert len(result.applied) == 3 and not any((data / f).exists() for f in moved)
+    assert runs.status(run)["state"] == runs.RUNNING and not runs.load_events(run, "exported")  # really mid-run
+    final = runs.wait(run, timeout=180)
+    assert final["state"] == runs.DONE, (run / runs.LOG_FILE).read_text()
+    [report] = [e for e in runs.load_events(run, "skipped") if "epoch" not in e]
+    assert report["split"] == "train" and report["count"] == 3
+    assert sorted(Path(f).name for f in report["files"]) == sorted(Path(f).name for f in moved)
+    table = interpret.load_table(interpret.table_path(run, "train"))
+    assert len(table) == sum(item["split"] == "train" for item in items) - 3
+    assert "skipped 3 train file(s)" in (run / runs.LOG_FILE).read_text()
+
+
+def test_an_epoch_reports_the_files_it_could_not_read(tmp_path: Path, home: Path):
+    data = make_demo_dataset(tmp_path / "demo", DemoSpec(n_per_class=8, size=32, seed=0, mislabel_frac=0.0))
+    cfg = TrainConfig.from_dict(tiny_config(data, epochs=1))
+    cfg.data.batch_size = 6  # 18 training images: three full batches, so drop_last leaves none out
+    events: list[tuple[str, dict]] = []
+    learner = Learner(cfg, on_event=lambda kind, **f: events.append((kind, f)))
+    assert len(learner.dls.split.train) == 18
+    gone = [learner.dls.source.files[i] for i in learner.dls.split.train[:2]]
+    for f in gone:
+        f.unlink()  # gone between the check and the epoch (no warm decode cache in this process)
+    learner.fit()
+    [skipped] = [f for kind, f in events if kind == "skipped"]
+    assert skipped["epoch"] == 0 and skipped["count"] == 2
+    assert sorted(skipped["files"]) == sorted(str(f) for f in gone)
+    assert len(learner.history) == 1
+
+
+# ---------------------------------------------------------------- the page, a reload, a server restart
+
+
+def test_a_new_session_shows_the_live_run_and_the_run_goes_on(tmp_path: Path, home: Path, background):
+    from ui.state import RECENT_FILE
+
+    data = make_demo_dataset(home / "demo", DemoSpec(n_per_class=16, size=32, seed=0))
+    atomic_write_json(home / RECENT_FILE, [str(data)])  # what the Data page leaves when a folder is opened
+    run = runs.create(tiny_config(data, epochs=500), root=home / "runs")
+    launch(run, background)
+    until(lambda: runs.load_events(run, "batch"), run=run)
+
+    def train_page(at: AppTest) -> AppTest:
+        at.switch_page(TRAIN_PAGE).run()
+        assert not at.exception, at.exception
+        markdown = "\n".join(str(m.value) for m in at.markdown)
+        assert run.name in markdown and ("running" in markdown or "queued" in markdown)
+        assert at.button(key="train_stop")
+        return at
+
+    first = AppTest.from_file(APP, default_timeout=120)
+    first.run()
+    train_page(first)
+    first.switch_page("app_pages/runs.py").run()  # a page switch and back
+    assert not first.exception, first.exception
+    train_page(first)
+    seen = len(runs.load_events(run, "batch"))
+
+    # A server restart or a reload: a brand-new session that was never told about the run finds it live.
+    second = train_page(AppTest.from_file(APP, default_timeout=120))
+    until(lambda: len(runs.load_events(run, "batch")) > seen + 2, run=run)  # nobody watching, it goes on
+    second.button(key="train_stop").click().run()
+    assert not second.exception, second.exception
+    assert runs.wait(run, timeout=60)["state"] == runs.STOPPED
+
+
+def test_data_page_shows_a_dataset_with_a_non_utf8_file_name(tmp_path: Path, home: Path):
+    root = names_dataset(tmp_path / "names")
+    (root / "dog" / os.fsdecode(b"broken\xfe.jpg")).write_bytes(b"")
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.session_state["dataset"] = str(root)
+    at.run()
+    assert not at.exception, at.exception
+    assert {m.label: m.value for m in at.metric}["Images"] == "22"
+    assert list(at.dataframe[0].value["file"]) == ["dog/broken\\xfe.jpg"]
