@@ -26,6 +26,7 @@ from pathlib import Path
 from PIL import Image
 
 from core.data import DEFAULT_MAX_PIXELS, list_images
+from core.images import HEIF_REASON, is_heif_header
 from core.env import workspace_dir
 from core.fileio import atomic_write_bytes
 from core.model import prepare_image
@@ -93,6 +94,8 @@ def read_image(
     except Image.DecompressionBombError as e:
         raise BadUpload(f"refused as a decompression bomb ({e}).") from None
     except Image.UnidentifiedImageError:
+        if is_heif_header(data[:64]):
+            raise BadUpload(f"{HEIF_REASON}.") from None
         raise BadUpload(
             "this is not an image Loupe can read (its content is not JPEG, PNG, GIF, BMP, WebP or TIFF, "
             "whatever its name says)."
