@@ -46,6 +46,7 @@ def _data_and_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-from", help="run dir or bundle to start from (progressive resizing, more data)")
     p.add_argument("--no-mixed-precision", action="store_true")
     p.add_argument("--device", default="auto")
+    p.add_argument("--sync-bn", action="store_true", help="DDP: BatchNorm statistics across all processes")
 
 
 def _config_from_args(a: argparse.Namespace) -> TrainConfig:
@@ -79,6 +80,7 @@ def _config_from_args(a: argparse.Namespace) -> TrainConfig:
         init_from=a.init_from,
         mixed_precision=not a.no_mixed_precision,
         device=a.device,
+        sync_bn=a.sync_bn,
     )
 
 
@@ -107,10 +109,48 @@ def _prepare_run_dir(a: argparse.Namespace) -> Path:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    from core import distributed
     from core.job import run_training
 
+    info = distributed.DistInfo.from_env()
+    if info.enabled:  # already under torchrun: one rank makes the run dir, every rank trains in it
+        return run_training(_shared_run_dir(a, info), resume=a.resume)
     run_dir = _prepare_run_dir(a)
+    if a.create_only:  # e.g. a run for several machines, created once on the shared filesystem
+        print(run_dir)
+        return 0
+    if a.gpus > 1:  # relaunch under torchrun, as core.runs.start does, and wait for the whole group
+        import os
+        import subprocess
+
+        command = runs._command(Path(run_dir).absolute(), ["--resume"] if a.resume else [], a.gpus, "core", "train")
+        return subprocess.run(command, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
     return run_training(run_dir, resume=a.resume)
+
+
+def _shared_run_dir(a: argparse.Namespace, info) -> Path:
+    """Under torchrun with DATA: rank 0 creates the run dir and tells the others where (through the process
+    group, which run_training then reuses); with --run-dir and no DATA every rank already knows it."""
+    if a.data is None:
+        return _prepare_run_dir(a)
+    import torch.distributed as dist
+
+    from core import distributed
+    from core.env import resolve_device
+
+    distributed.setup(resolve_device(a.device))
+    box: list = [None]
+    if info.main:
+        try:
+            box = [("ok", str(_prepare_run_dir(a)))]
+        except (DataError, ValueError, OSError) as e:
+            box = [("error", str(e))]
+    dist.broadcast_object_list(box, src=0)  # the others learn the path, or the error that ends every rank
+    outcome, value = box[0]
+    if outcome == "error":
+        distributed.cleanup()
+        raise DataError(value)
+    return Path(value)
 
 
 def cmd_lr_find(a: argparse.Namespace) -> int:
@@ -172,6 +212,11 @@ def parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model and leave a complete run directory")
     _data_and_model_args(train)
     train.add_argument("--resume", action="store_true", help="continue a stopped or crashed run from its checkpoint")
+    train.add_argument("--gpus", type=int, default=1,
+                       help="processes (GPUs) to train on: above 1 the run relaunches itself under torchrun (DDP); "
+                       "--bs is per process")
+    train.add_argument("--create-only", action="store_true",
+                       help="write the run directory and its config.json, print its path, train nothing")
     train.set_defaults(func=cmd_train)
 
     lrf = sub.add_parser("lr-find", help="sweep learning rates and print suggestions")

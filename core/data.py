@@ -56,7 +56,7 @@ class DataConfig:
     group_regex: str | None = None  # items whose path (else name) gives the same match or first group stay together
     group_col: str | None = None  # csv layout: column naming each item's group
     size: int = 224  # square side, in pixels, of the images the model sees
-    batch_size: int = 64  # images per training step
+    batch_size: int = 64  # images per training step per process: under DDP (torchrun, N processes) a step sees bs × N images
     min_scale: float = 0.35  # smallest share of the image a random resized crop keeps
     flip: bool = True  # random horizontal flips
     flip_vert: bool = False  # vertical flips and 90-degree turns too, for overhead imagery
@@ -462,22 +462,49 @@ def collate_skipping_failed(batch: list) -> tuple[torch.Tensor, torch.Tensor, to
     return torch.stack(xs), torch.stack(ys), torch.tensor(idx)
 
 
+def shard(order: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's share of `order`: padded by wrapping around to a multiple of world_size, then every
+    world_size-th item from `rank`, so every rank gets the same count (DDP hangs when ranks take different
+    numbers of steps). The order itself when alone."""
+    if world_size == 1:
+        return order
+    total = -(-len(order) // world_size) * world_size
+    padded = order[torch.arange(total) % max(len(order), 1)] if len(order) else order
+    return padded[rank::world_size]
+
+
 class EpochSampler(Sampler[int]):
     """A shuffling sampler whose order is a pure function of (seed, epoch), so a resumed run sees the
-    same order, and which can skip the batches an interrupted epoch already trained on."""
+    same order, and which can skip the batches an interrupted epoch already trained on. Under DDP each rank
+    draws its shard (see `shard`) of that same order."""
 
-    def __init__(self, n: int, seed: int):
+    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1):
         self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
+        self.rank, self.world_size = rank, world_size
 
     def set_epoch(self, epoch: int, skip_batches: int = 0, batch_size: int = 1) -> None:
         self.epoch, self.start = epoch, skip_batches * batch_size
 
     def __iter__(self):
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-        return iter(order[self.start :].tolist())
+        return iter(shard(order, self.rank, self.world_size)[self.start :].tolist())
 
     def __len__(self) -> int:
-        return self.n - self.start
+        return -(-self.n // self.world_size) - self.start
+
+
+class ShardSampler(Sampler[int]):
+    """Evaluation under DDP: this rank's shard of the items in order, never shuffled (padding repeats a few
+    items; gathering drops them again by id)."""
+
+    def __init__(self, n: int, rank: int, world_size: int):
+        self.n, self.rank, self.world_size = n, rank, world_size
+
+    def __iter__(self):
+        return iter(shard(torch.arange(self.n), self.rank, self.world_size).tolist())
+
+    def __len__(self) -> int:
+        return -(-self.n // self.world_size) if self.n else 0
 
 
 @dataclass
@@ -533,15 +560,29 @@ def _add_to_train(source: DataSource, split: Split, extra: DataSource) -> tuple[
     return merged, replace(split, train=np.concatenate([split.train, added]))
 
 
-def make_loader(source: DataSource, ids: np.ndarray, cfg: DataConfig, train: bool, device: torch.device | None = None) -> DataLoader:
-    """A DataLoader of presized uint8 batches over some items of `source`: shuffled per epoch when `train`."""
+def make_loader(
+    source: DataSource,
+    ids: np.ndarray,
+    cfg: DataConfig,
+    train: bool,
+    device: torch.device | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader:
+    """A DataLoader of presized uint8 batches over some items of `source`: shuffled per epoch when `train`.
+    With world_size > 1 (DDP) it yields only this rank's shard, the same number of batches on every rank."""
     workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
+    if train:
+        sampler = EpochSampler(len(ids), cfg.seed, rank, world_size)
+    else:
+        sampler = ShardSampler(len(ids), rank, world_size) if world_size > 1 else None
+    per_rank = -(-len(ids) // world_size)
     return DataLoader(
         ImageDataset(source, ids, presize_side(cfg.size), cfg.max_pixels),
         batch_size=cfg.batch_size,
-        sampler=EpochSampler(len(ids), cfg.seed) if train else None,
+        sampler=sampler,
         # A last batch of one image breaks BatchNorm in training mode, so full batches only.
-        drop_last=train and len(ids) > cfg.batch_size,
+        drop_last=train and per_rank > cfg.batch_size,
         num_workers=workers,
         pin_memory=device is not None and device.type == "cuda",
         persistent_workers=workers > 0,
@@ -550,15 +591,15 @@ def make_loader(source: DataSource, ids: np.ndarray, cfg: DataConfig, train: boo
     )
 
 
-def make_dataloaders(cfg: DataConfig, device: torch.device | None = None) -> DataLoaders:
-    """DataLoaders over the verified, split dataset at `cfg.path`."""
+def make_dataloaders(cfg: DataConfig, device: torch.device | None = None, rank: int = 0, world_size: int = 1) -> DataLoaders:
+    """DataLoaders over the verified, split dataset at `cfg.path` (this rank's shards under DDP)."""
     source, bad, split = prepare(cfg)
     if len(source.vocab) < 2 and not source.multi_label:
         raise DataError(f"Found only one class ({source.vocab[0]!r}); a classifier needs at least two.")
     if len(split.train) == 0:
         raise DataError("The split left no training images; lower valid_pct or add images.")
-    train = make_loader(source, split.train, cfg, train=True, device=device)
-    valid = make_loader(source, split.valid, cfg, train=False, device=device)
+    train = make_loader(source, split.train, cfg, train=True, device=device, rank=rank, world_size=world_size)
+    valid = make_loader(source, split.valid, cfg, train=False, device=device, rank=rank, world_size=world_size)
     return DataLoaders(train, valid, source, split, bad)
 
 

@@ -6,6 +6,7 @@ events.jsonl streams what happens, STOP asks for a clean stop. Nothing here assu
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from core import interpret, runs
-from core.data import DataLoaders, make_loader, path_text, source_from_record, source_record
+from core import distributed, interpret, runs
+from core.data import DataLoaders, ShardSampler, make_loader, path_text, source_from_record, source_record
 from core.fileio import atomic_write_json, read_json
 from core.images import DataError
 from core.lrfind import LRFindResult, lr_find
@@ -145,42 +146,75 @@ def load_config(run_dir: str | Path) -> TrainConfig:
 
 
 def run_training(run_dir: str | Path, resume: bool = False) -> int:
-    """Train the run in `run_dir` to the end; returns the process exit code (0 done or stopped, 1 failed)."""
+    """Train the run in `run_dir` to the end; returns the process exit code (0 done or stopped, 1 failed).
+
+    Under torchrun (several processes) every rank trains its shard; only rank 0 writes events, status,
+    checkpoints, the bundle and the tables, and only local rank 0 takes the compute lock."""
     run_dir = Path(run_dir)
-    writer = runs.EventWriter(run_dir)
-    report = Reporter(writer)
+    info = distributed.DistInfo.from_env()
+    if info.enabled:
+        sys.stdout.write(f"rank {info.rank} pid {os.getpid()}\n")  # which process is which, for a person or a test
+        sys.stdout.flush()
+    writer = runs.EventWriter(run_dir) if info.main else None
+    report = Reporter(writer) if info.main else (lambda kind, **fields: None)
     signals = _Signals()
     try:
         check_run_dir(run_dir)  # before queueing for the compute: a full disk fails the run at once
         cfg = load_config(run_dir)
-        with runs.acquire_compute_lock(run_dir.parent):
-            runs.mark_running(run_dir)
-            if resume:
-                runs.clear_stop(run_dir)
-            should_stop = lambda: signals.received or runs.stop_requested(run_dir)  # noqa: E731
+        # One rank takes the lock (the others would queue behind it). Rank 0 rather than each machine's local
+        # rank 0: with the runs folder on a shared filesystem, a second machine would wait on the first forever.
+        lock = runs.acquire_compute_lock(run_dir.parent) if info.main else contextlib.nullcontext()
+        with lock:
+            if info.main:
+                runs.mark_running(run_dir)
+                if resume:
+                    runs.clear_stop(run_dir)
+            if info.main:
+                should_stop = lambda: signals.received or runs.stop_requested(run_dir)  # noqa: E731
+            else:  # rank 0 reads the STOP file; the group agrees on every step (max over ranks)
+                should_stop = lambda: signals.received  # noqa: E731
             learner = Learner(cfg, on_event=report, should_stop=should_stop, run_dir=run_dir)
-            _announce(learner, report, run_dir, resume)
+            if info.main:
+                _announce(learner, report, run_dir, resume)
             _warm_cache(learner, report)
             state = load_checkpoint(run_dir) if resume else None
             try:
                 learner.fit(state)
             except StopRequested as stop:
-                _finish(learner, report, run_dir)
-                report("stopped", message=str(stop))
-                runs.mark_finished(run_dir, runs.STOPPED)
+                _fingerprint(learner)
+                if info.main:
+                    _finish(learner, report, run_dir)
+                    report("stopped", message=str(stop))
+                    runs.mark_finished(run_dir, runs.STOPPED)
                 return 0
-            _finish(learner, report, run_dir)
-            report("done", epochs=len(learner.history), best_valid_loss=learner.best_valid)
-            runs.mark_finished(run_dir, runs.DONE)
+            _fingerprint(learner)
+            if info.main:
+                _finish(learner, report, run_dir)
+                report("done", epochs=len(learner.history), best_valid_loss=learner.best_valid)
+                runs.mark_finished(run_dir, runs.DONE)
             return 0
     except Exception as e:  # every failure ends as a readable event and a failed status, never a silent exit
         message = f"{type(e).__name__}: {e}"
+        if info.enabled:
+            lost = isinstance(e, RuntimeError) and any(w in str(e) for w in ("gloo", "NCCL", "Connection", "timed out"))
+            hint = " (another process of the group probably failed or was killed: see train.log)" if lost else ""
+            message = f"rank {info.rank}: {message}{hint}"
         report("error", message=message, traceback=traceback.format_exc())
         print(f"error: {message}", file=sys.stderr, flush=True)
-        runs.mark_finished(run_dir, runs.FAILED, error=message)
+        if info.main:
+            runs.mark_finished(run_dir, runs.FAILED, error=message)
         return 1
     finally:
-        writer.close()
+        if writer:
+            writer.close()
+        distributed.cleanup()
+
+
+def _fingerprint(learner: Learner) -> None:
+    """Under DDP each rank prints a hash of its final weights: equal lines mean the ranks stayed in step."""
+    if learner.dist.enabled:
+        sys.stdout.write(f"rank {learner.dist.rank} weights sha256={distributed.fingerprint(learner.model)}\n")
+        sys.stdout.flush()
 
 
 def _announce(learner: Learner, report: Reporter, run_dir: Path, resume: bool) -> None:
@@ -242,7 +276,7 @@ def _report_missing(dls: DataLoaders, split: str, seen: list[int], report: Repor
 
 def split_table(learner: Learner, dls: DataLoaders, split: str):
     """The per-item table (core.interpret.item_table) of one side of the split: one inference pass."""
-    if split == "valid":
+    if split == "valid" and dls.valid.sampler.__class__ is not ShardSampler:
         loader = dls.valid  # its images are already decoded in memory: the table costs one inference pass
     else:
         loader = make_loader(dls.source, getattr(dls.split, split), learner.cfg.data, train=False, device=learner.device)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from core import interpret
+from core import distributed, interpret
 from core.augment import BatchAugment, normalize, resize_batch
 from core.data import DataConfig, DataLoaders, make_dataloaders, path_text
 from core.env import resolve_device, seed_everything
@@ -47,7 +47,8 @@ class StopRequested(Exception):
 class TrainConfig:
     """Everything a run needs, saved as config.json in the run and inside the model bundle."""
 
-    data: DataConfig = field(default_factory=DataConfig)  # dataset, split, image size, batch size, augmentation
+    data: DataConfig = field(default_factory=DataConfig)  # dataset, split, image size, batch size (per process:
+    # under DDP with N processes a step sees batch_size × N images; lr is not rescaled for it), augmentation
     model: ModelConfig = field(default_factory=ModelConfig)  # architecture, pretrained weights, head
     schedule: str = "fine_tune"  # fine_tune (frozen then unfrozen), one_cycle, or plateau (ReduceLROnPlateau)
     epochs: int = 4  # epochs (after the frozen ones, for fine_tune)
@@ -69,6 +70,7 @@ class TrainConfig:
     channels_last: bool = True  # NHWC memory layout, faster convolutions on GPU and recent CPUs
     init_from: str | None = None  # a run dir or bundle to start from (progressive resizing, more data)
     device: str = "auto"  # auto, cuda, mps or cpu
+    sync_bn: bool = False  # DDP only: BatchNorm statistics over the whole batch of all processes (SyncBatchNorm)
 
     def __post_init__(self) -> None:
         if isinstance(self.data, dict):
@@ -187,15 +189,20 @@ class Learner:
         run_dir: str | Path | None = None,
     ):
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.dist = distributed.DistInfo.from_env()  # world_size 1 unless launched by torchrun with several processes
+        self.device = distributed.setup(resolve_device(cfg.device))  # joins the group under torchrun, else a no-op
         seed_everything(cfg.data.seed)
-        self.dls = dls or make_dataloaders(cfg.data, self.device)
+        self.dls = dls or make_dataloaders(cfg.data, self.device, self.dist.rank, self.dist.world_size)
         self.model = model or build_model(cfg.model, len(self.dls.vocab))
         if cfg.init_from and model is None:
             warm_start(self.model, cfg.init_from, self.dls.vocab)
         self.model.to(self.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        if self.dist.enabled and cfg.sync_bn:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.train_model = self.model  # the DDP wrapper under DDP (rebuilt per phase); self.model stays the plain module
+        self.group_stop = False  # under DDP: the stop all ranks agreed on at the last step
         self.loss_fn = make_loss(cfg, self.dls.multi_label)
         self.augment = BatchAugment.from_config(cfg.data)
         self.on_event = on_event or (lambda kind, **f: None)
@@ -272,6 +279,7 @@ class Learner:
 
     def _run_phase(self, index: int, phase: Phase, epoch_offset: int, resume: dict | None) -> bool:
         (freeze if phase.frozen else unfreeze)(self.model)
+        self.train_model = distributed.wrap(self.model, self.device)  # after (un)freezing: DDP registers trainable params
         opt = make_optimizer(self.cfg, param_groups(self.model, self.cfg.model.arch), phase.lrs)
         sched = make_scheduler(self.cfg, opt, phase, len(self.dls.train))
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -312,19 +320,32 @@ class Learner:
             x, y, ids = batch
             seen.extend(ids.tolist())
             loss = self._train_step(x, y, ids, ctx, item_ids, item_losses)
-            total, count = total + loss * len(ids), count + len(ids)
+            n = len(ids) * self.dist.world_size  # under DDP the loss is the group's mean over every rank's batch
+            total, count = total + loss * n, count + n
             self.on_event(
                 "batch", step=self.step, epoch=ctx["epoch"], batch=batch_index + 1, n_batches=n_batches,
                 loss=loss, smooth_loss=self.smooth.value,
                 lr=ctx["opt"].param_groups[-1]["lr"], mom=_momentum(ctx["opt"]),
             )
-            if self.should_stop():
-                partial = dict(loss_sum=total, loss_count=count, item_ids=item_ids, item_losses=item_losses)
+            if (self.group_stop if self.dist.enabled else self.should_stop()):
+                distributed.broadcast_buffers(self.model)
+                ids_all, losses_all = self._gather_items(item_ids, item_losses)
+                partial = dict(loss_sum=total, loss_count=count, item_ids=ids_all, item_losses=losses_all)
                 self.save_checkpoint(ctx, batch=batch_index + 1, partial=partial)
                 raise StopRequested(f"Stopped at epoch {ctx['epoch']}, batch {batch_index + 1}.")
         self._report_skipped(ctx["epoch"], seen)
-        self._save_item_losses(ctx["epoch"], item_ids, item_losses)
+        distributed.broadcast_buffers(self.model)  # one model on every rank before it is evaluated and saved
+        self._save_item_losses(ctx["epoch"], *self._gather_items(item_ids, item_losses))
         return total / max(count, 1)
+
+    def _gather_items(self, ids: list[int], losses: list[float]) -> tuple[list[int], list[float]]:
+        """Per-item training losses of every rank (the first of an item's duplicates from shard padding)."""
+        if not self.dist.enabled:
+            return ids, losses
+        all_ids = distributed.all_gather_varlen(torch.tensor(ids, dtype=torch.long))
+        all_losses = distributed.all_gather_varlen(torch.tensor(losses, dtype=torch.float32))
+        first = _first_of_each(all_ids)
+        return all_ids[first].tolist(), all_losses[first].tolist()
 
     def _report_skipped(self, epoch: int, seen: list[int]) -> None:
         """A 'skipped' event when files the epoch should have read were gone or unreadable (the loader
@@ -350,6 +371,10 @@ class Learner:
             except torch.OutOfMemoryError:
                 self._shrink_micro_batch(len(x), ctx)
         value = losses.mean().item()
+        if self.dist.enabled:  # one loss and one stop decision for the whole group, so all ranks act together
+            stop = 1.0 if self.should_stop() else 0.0
+            summed = distributed.all_reduce(torch.tensor([losses.float().sum().item(), len(losses), stop]))
+            value, self.group_stop = (summed[0] / summed[1]).item(), bool(summed[2] > 0)
         self._check_divergence(value, ctx)
         scaler.step(opt)
         scaler.update()
@@ -368,7 +393,7 @@ class Learner:
         pieces = []
         for start in range(0, len(x), chunk):
             with self.autocast():
-                losses = per_item(self.loss_fn(self.model(x[start : start + chunk]), y[start : start + chunk]))
+                losses = per_item(self.loss_fn(self.train_model(x[start : start + chunk]), y[start : start + chunk]))
             scaler.scale(losses.sum() / len(x)).backward()
             pieces.append(losses.detach())
         return torch.cat(pieces)
@@ -379,6 +404,11 @@ class Learner:
         ctx["opt"].zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        if self.dist.enabled:  # the other ranks are already waiting in this step's gradient all-reduce
+            raise RuntimeError(
+                f"Out of memory at batch size {batch} per process; shrinking the batch is not supported under "
+                "DDP. Lower the batch size (it is per process), the image size, or choose a smaller architecture."
+            )
         half = (self.micro_batch or batch) // 2
         if half < 2:
             raise RuntimeError(
@@ -399,7 +429,7 @@ class Learner:
 
     def validate(self) -> dict[str, float]:
         """Valid loss and metrics on the validation set (nan when it is empty)."""
-        preds = get_preds(self, self.dls.valid)
+        preds = gather_preds(get_preds(self, self.dls.valid)) if self.dist.enabled else get_preds(self, self.dls.valid)
         if len(preds.ids) == 0:
             return {"valid_loss": math.nan}
         row = {"valid_loss": float(preds.losses.mean())}
@@ -422,7 +452,7 @@ class Learner:
         self.history.append(row)
         self.on_event("epoch", **row)
         self.save_checkpoint(ctx, batch=0, next_epoch=True)
-        if improved and self.cfg.keep_best and self.run_dir:
+        if improved and self.cfg.keep_best and self.run_dir and self.dist.main:
             weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
             atomic_write(self.run_dir / BEST_WEIGHTS, lambda tmp: torch.save(weights, tmp))
 
@@ -433,7 +463,7 @@ class Learner:
 
     def save_checkpoint(self, ctx: dict, batch: int, partial: dict | None = None, next_epoch: bool = False) -> None:
         """Everything needed to resume, written atomically: a crash mid-write leaves the previous one intact."""
-        if not self.run_dir:
+        if not self.run_dir or not self.dist.main:
             return
         epoch = ctx["epoch"] + 1 if next_epoch else ctx["epoch"]
         phase = ctx["phase"]
@@ -456,7 +486,7 @@ class Learner:
         self.on_event("checkpoint", epoch=epoch, batch=batch, step=self.step, file=CHECKPOINT)
 
     def _save_item_losses(self, epoch: int, ids: list[int], losses: list[float]) -> None:
-        if not self.run_dir:
+        if not self.run_dir or not self.dist.main:
             return
         path = self.run_dir / "item_losses" / f"epoch_{epoch:03d}.npz"
         arrays = {"item": np.asarray(ids, dtype=np.int64), "loss": np.asarray(losses, dtype=np.float32)}
@@ -532,6 +562,27 @@ def get_preds(learner: Learner, loader: DataLoader) -> Preds:
         n = len(learner.dls.vocab)
         return Preds(torch.empty(0, n), torch.empty(0), torch.empty(0), torch.empty(0, dtype=torch.long))
     return Preds(torch.cat(outs), torch.cat(targets), torch.cat(losses), torch.cat(ids))
+
+
+def _first_of_each(ids: torch.Tensor) -> torch.Tensor:
+    """Positions of the first occurrence of each id, in order of appearance."""
+    seen: set[int] = set()
+    keep = []
+    for k, i in enumerate(ids.tolist()):
+        if i not in seen:
+            seen.add(i)
+            keep.append(k)
+    return torch.tensor(keep, dtype=torch.long)
+
+
+def gather_preds(preds: Preds) -> Preds:
+    """Every rank's predictions on its shard, on every rank, each item once (shard padding repeats a few):
+    metrics over them equal those of one process evaluating the whole set."""
+    ids = distributed.all_gather_varlen(preds.ids)
+    first = _first_of_each(ids)
+    parts = (preds.logits, preds.targets, preds.losses)
+    logits, targets, losses = (distributed.all_gather_varlen(p)[first] for p in parts)
+    return Preds(logits, targets, losses, ids[first])
 
 
 def warm_start(model: nn.Module, source: str | Path, vocab: list[str]) -> None:
