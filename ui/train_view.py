@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import streamlit as st
+import torch
 
 from core import runs
 from core.data import DataConfig
@@ -35,6 +36,7 @@ POLL_SECONDS = 1.0
 HARDEST = 12
 LR_FIND_KEY = "train_lr_find_run"
 LR_FIND_HINT = "lr-find"
+GPUS_KEY = "train_gpus"  # only set where the machine has several GPUs
 LR_FIND_TASKS = ("lr-find",)  # the task core.runs.start and core.job record for an LR-finder sweep
 LR_FIND_STEPS = 100
 
@@ -303,7 +305,17 @@ def config_form() -> dict[str, Any]:
         c2.checkbox("Keep the best epoch", key="train_keep_best",
                     help="Export the weights of the epoch with the lowest valid loss, not the last.", **keep)
         c2.checkbox("Mixed precision (CUDA)", key="train_mixed_precision", **keep)
+        if gpu_count() > 1:  # shown only where DDP can help
+            c1.number_input("GPUs", min_value=1, max_value=gpu_count(), step=1, key=GPUS_KEY,
+                            help="Train on several GPUs of this machine with DDP (torchrun). The batch size is per "
+                                 "GPU; the learning rate is not scaled for you.", **keep)
     return {key: st.session_state[key] for key in FORM_DEFAULTS}
+
+
+@st.cache_resource
+def gpu_count() -> int:
+    """CUDA GPUs visible to PyTorch; cached because the answer never changes while the server runs."""
+    return torch.cuda.device_count()
 
 
 def parse_lr(text: str) -> float:
@@ -377,7 +389,7 @@ def launch_training(cfg: TrainConfig) -> Path | None:
     """Create the run, start its process in the background and select it; errors end up on the page."""
     try:
         run_dir = runs.create(cfg.to_dict(), root=runs_dir(), name_hint=cfg.model.arch)
-        runs.start(run_dir)
+        runs.start(run_dir, gpus=int(st.session_state.get(GPUS_KEY, 1)))
     except (OSError, ValueError) as exc:
         st.error(f"Could not start the run: {exc}")
         return None
