@@ -9,8 +9,14 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from streamlit.testing.v1 import AppTest
 
+from core import runs
+from core.data import DataConfig
 from core.demo import DemoSpec, make_demo_dataset
+from core.job import run_training
+from core.model import ModelConfig
+from core.train import TrainConfig
 
 WriteImage = Callable[..., Path]
 
@@ -36,3 +42,31 @@ def write_image() -> WriteImage:
 def demo_dataset(tmp_path: Path) -> Path:
     """A small demo dataset (3 shape classes x 8 images of 16 px, one folder per class) in tmp_path."""
     return make_demo_dataset(tmp_path / "demo", DemoSpec(n_per_class=8, size=16, seed=0))
+
+
+def tiny_config(dataset: Path, data: dict | None = None, **train) -> TrainConfig:
+    """resnet18 from scratch at 32 px, one one-cycle epoch: a real run that takes seconds on a CPU."""
+    data_options = dict(size=32, batch_size=8, num_workers=0, max_rotate=0, min_scale=0.75) | (data or {})
+    settings = dict(schedule="one_cycle", epochs=1, lr=1e-2) | train
+    return TrainConfig(
+        data=DataConfig(path=str(dataset), **data_options),
+        model=ModelConfig(arch="resnet18", pretrained=False),
+        **settings,
+    )
+
+
+def train_tiny_run(cfg: TrainConfig, runs_root: Path) -> Path:
+    """Create a run for `cfg` under `runs_root` and train it in this process, as the background job would."""
+    run_dir = runs.create(cfg.to_dict(), root=runs_root)
+    assert run_training(run_dir) == 0
+    return run_dir
+
+
+def open_app_page(page: str, timeout: float = 120) -> AppTest:
+    """The real app (app.py and its navigation) switched to `page`, rendered without an exception."""
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=timeout)
+    at.run()
+    at.switch_page(page)
+    at.run()
+    assert not at.exception, at.exception
+    return at

@@ -10,13 +10,10 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from conftest import open_app_page, tiny_config, train_tiny_run
 from core import clean, runs
-from core.data import DataConfig
 from core.demo import DemoSpec, make_demo_dataset
 from core.env import runs_dir
-from core.job import run_training
-from core.model import ModelConfig
-from core.train import TrainConfig
 
 APP = Path(__file__).resolve().parents[1] / "app.py"
 PAGE = "app_pages/clean.py"
@@ -27,17 +24,9 @@ def home(tmp_path_factory) -> Path:
     """A workspace with one finished run on shapes (some deliberately in the wrong folder)."""
     home = tmp_path_factory.mktemp("clean-home")
     data = make_demo_dataset(home / "shapes", DemoSpec(n_per_class=20, size=32, mislabel_frac=0.1, seed=4))
-    cfg = TrainConfig(
-        data=DataConfig(path=str(data), size=32, batch_size=8, num_workers=0, max_rotate=0, min_scale=0.75),
-        model=ModelConfig(arch="resnet18", pretrained=False),
-        schedule="one_cycle",
-        epochs=1,
-        lr=1e-2,
-    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LOUPE_HOME", str(home))
-        run_dir = runs.create(cfg.to_dict(), root=runs_dir())
-        assert run_training(run_dir) == 0
+        train_tiny_run(tiny_config(data), runs_dir())
     return home
 
 
@@ -52,12 +41,7 @@ def dataset_hashes(root: Path) -> dict[str, str]:
 
 def open_page(home: Path, monkeypatch) -> AppTest:
     monkeypatch.setenv("LOUPE_HOME", str(home))
-    at = AppTest.from_file(str(APP), default_timeout=120)
-    at.run()
-    at.switch_page(PAGE)
-    at.run()
-    assert not at.exception, at.exception
-    return at
+    return open_app_page(PAGE)
 
 
 def mark_boxes(at: AppTest) -> list:

@@ -8,27 +8,13 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from conftest import open_app_page, tiny_config, train_tiny_run
 from core import interpret, runs
-from core.data import DataConfig
 from core.demo import DemoSpec, make_demo_dataset
 from core.env import runs_dir
-from core.job import run_training
-from core.model import ModelConfig
-from core.train import TrainConfig
 
 APP = Path(__file__).resolve().parents[1] / "app.py"
 PAGE = "app_pages/interpret.py"
-
-
-def tiny_run_config(data: Path) -> TrainConfig:
-    """resnet18 from scratch at 32 px, one epoch: a few seconds on two cores (it need not be good, only real)."""
-    return TrainConfig(
-        data=DataConfig(path=str(data), size=32, batch_size=8, num_workers=0, max_rotate=0, min_scale=0.75),
-        model=ModelConfig(arch="resnet18", pretrained=False),
-        schedule="one_cycle",
-        epochs=1,
-        lr=1e-2,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -38,19 +24,13 @@ def home(tmp_path_factory) -> Path:
     data = make_demo_dataset(home / "shapes", DemoSpec(n_per_class=20, size=32, mislabel_frac=0.1, seed=3))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LOUPE_HOME", str(home))
-        run_dir = runs.create(tiny_run_config(data).to_dict(), root=runs_dir())
-        assert run_training(run_dir) == 0
+        train_tiny_run(tiny_config(data), runs_dir())
     return home
 
 
 def open_page(home: Path, monkeypatch) -> AppTest:
     monkeypatch.setenv("LOUPE_HOME", str(home))
-    at = AppTest.from_file(str(APP), default_timeout=120)
-    at.run()
-    at.switch_page(PAGE)
-    at.run()
-    assert not at.exception, at.exception
-    return at
+    return open_app_page(PAGE)
 
 
 def heatmap(at: AppTest) -> dict:
@@ -75,7 +55,7 @@ def test_no_run_says_so_and_links_to_train(tmp_path, monkeypatch):
 
 def test_a_run_without_a_model_yet_is_explained(tmp_path, monkeypatch):
     monkeypatch.setenv("LOUPE_HOME", str(tmp_path))
-    runs.create(tiny_run_config(tmp_path).to_dict(), root=runs_dir())
+    runs.create(tiny_config(tmp_path).to_dict(), root=runs_dir())
     at = open_page(tmp_path, monkeypatch)
     assert any("no model" in i.value for i in at.info)
     assert not at.get("plotly_chart")
@@ -178,8 +158,7 @@ def multi_label_home(tmp_path_factory) -> Path:
     (data / "labels.csv").write_text("\n".join(lines) + "\n")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LOUPE_HOME", str(home))
-        run_dir = runs.create(tiny_run_config(data).to_dict(), root=runs_dir())
-        assert run_training(run_dir) == 0
+        train_tiny_run(tiny_config(data), runs_dir())
     return home
 
 

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
+from conftest import open_app_page
 from core import job, runs
 from core.data import DataConfig
 from core.demo import DemoSpec, make_demo_dataset
@@ -62,12 +63,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trained) -> Path:
 
 
 def open_predict() -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=120)
-    at.run()
-    at.switch_page("app_pages/predict.py")
-    at.run()
-    assert not at.exception, at.exception
-    return at
+    return open_app_page("app_pages/predict.py")
 
 
 def png(path: Path) -> bytes:

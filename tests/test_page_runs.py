@@ -13,6 +13,7 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
+from conftest import open_app_page
 from core import job, runs
 from core.data import DataConfig
 from core.demo import DemoSpec, make_demo_dataset
@@ -75,12 +76,7 @@ def fake_run(home: Path, state: str = runs.DONE) -> Path:
 
 
 def open_runs() -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=120)
-    at.run()
-    at.switch_page("app_pages/runs.py")
-    at.run()
-    assert not at.exception, at.exception
-    return at
+    return open_app_page("app_pages/runs.py")
 
 
 def table_ids(at: AppTest) -> list[str]:
