@@ -319,13 +319,14 @@ class Learner:
                 continue
             x, y, ids = batch
             seen.extend(ids.tolist())
+            # the rate and momentum this step trains with: the scheduler moves them on inside _train_step
+            lr, mom = ctx["opt"].param_groups[-1]["lr"], _momentum(ctx["opt"])
             loss = self._train_step(x, y, ids, ctx, item_ids, item_losses)
             n = len(ids) * self.dist.world_size  # under DDP the loss is the group's mean over every rank's batch
             total, count = total + loss * n, count + n
             self.on_event(
                 "batch", step=self.step, epoch=ctx["epoch"], batch=batch_index + 1, n_batches=n_batches,
-                loss=loss, smooth_loss=self.smooth.value,
-                lr=ctx["opt"].param_groups[-1]["lr"], mom=_momentum(ctx["opt"]),
+                loss=loss, smooth_loss=self.smooth.value, lr=lr, mom=mom,
             )
             if (self.group_stop if self.dist.enabled else self.should_stop()):
                 distributed.broadcast_buffers(self.model)

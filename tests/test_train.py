@@ -123,6 +123,19 @@ def test_a_run_writes_every_file_and_event(finished_run):
     assert set(batch) >= {"step", "loss", "smooth_loss", "lr", "mom", "batch", "n_batches"}
 
 
+def test_batch_events_carry_the_rate_each_step_trained_with(finished_run):
+    """One-cycle (lr 1e-2): the first step trains at peak / 25, the last at peak / 1e5, momentum 0.95 at both
+    ends; a rate logged after the scheduler stepped would miss the first value and rise again at the end."""
+    batches = runs.load_events(finished_run, "batch")
+    lrs, moms = [b["lr"] for b in batches], [b["mom"] for b in batches]
+    assert lrs[0] == pytest.approx(1e-2 / 25, rel=1e-6)
+    assert lrs[-1] == pytest.approx(1e-2 / 1e5, rel=1e-6)
+    assert max(lrs) == pytest.approx(1e-2, rel=1e-3)
+    assert lrs[-1] == min(lrs)
+    assert moms[0] == pytest.approx(0.95) and moms[-1] == pytest.approx(0.95)
+    assert min(moms) == pytest.approx(0.85, abs=1e-3)
+
+
 def test_loss_goes_down_and_beats_chance(finished_run):
     epochs = runs.load_events(finished_run, "epoch")
     assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
