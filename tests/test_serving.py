@@ -7,12 +7,19 @@ nothing else, a logged-in one the normal app with a Log out button.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
+import socket
 import tomllib
+import urllib.parse
+import zipfile
 from pathlib import Path
 
 import pytest
+from browser_support import streamlit_server
+from streamlit import config as st_config
 from streamlit.testing.v1 import AppTest
 
 from core import runs
@@ -303,6 +310,8 @@ def test_without_auth_the_app_is_as_before(home):
 def test_config_binds_to_localhost_with_xsrf_and_cors_on():
     config = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
     assert config["server"]["address"] == "localhost"
+    assert config["server"]["allowedHosts"] == ["localhost", "127.0.0.1", "::1"]  # no rebinding (see below)
+    assert config["server"]["maxUploadSize"] <= 1024  # MB per file, all held in memory by Streamlit
     assert config["server"]["enableXsrfProtection"] is True
     assert config["server"]["enableCORS"] is True
     assert config["browser"]["gatherUsageStats"] is False
@@ -310,3 +319,55 @@ def test_config_binds_to_localhost_with_xsrf_and_cors_on():
 
 def test_secrets_file_is_never_committed():
     assert ".streamlit/secrets.toml" in (REPO / ".gitignore").read_text().splitlines()
+
+
+# ---------------------------------------------------------------- the real server (.streamlit/config.toml in force)
+
+
+def websocket_handshake(base_url: str, host: str) -> int:
+    """The HTTP status of a websocket upgrade to Streamlit's /_stcore/stream with this Host header and a matching
+    Origin, as a page served from `host` would send it (a DNS-rebinding page does exactly this): 101 is accepted."""
+    port = urllib.parse.urlparse(base_url).port
+    key = base64.b64encode(os.urandom(16)).decode()
+    request = (
+        f"GET /_stcore/stream HTTP/1.1\r\nHost: {host}:{port}\r\nOrigin: http://{host}:{port}\r\n"
+        f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Protocol: streamlit\r\n\r\n"
+    )
+    with socket.create_connection(("localhost", port), timeout=20) as conn:
+        conn.sendall(request.encode())
+        status_line = conn.recv(4096).split(b"\r\n", 1)[0]
+    return int(status_line.split()[1])
+
+
+def test_the_server_refuses_a_websocket_for_a_foreign_host_name(home):
+    """DNS rebinding: a page on rebind.attacker.example whose name now resolves to 127.0.0.1 talks to Loupe with
+    that Host (and a matching Origin); only the local names may open a session."""
+    home.mkdir(parents=True)
+    with streamlit_server(home) as url:
+        assert websocket_handshake(url, "localhost") == 101
+        assert websocket_handshake(url, "127.0.0.1") == 101
+        assert websocket_handshake(url, "[::1]") == 101
+        assert websocket_handshake(url, "rebind.attacker.example") == 403
+        assert websocket_handshake(url, "localhost.attacker.example") == 403
+
+
+def test_a_zip_over_the_upload_limit_is_refused_before_it_is_unpacked(home):
+    """The Data page checks an upload's size against server.maxUploadSize before reading it (the real limit is
+    1 GB; here it is lowered to 1 MB so the test needs no gigabyte)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as zf:
+        for label in ("a", "b"):
+            zf.writestr(f"{label}/big.png", os.urandom(700_000))
+    limit = st_config.get_option("server.maxUploadSize")
+    st_config.set_option("server.maxUploadSize", 1)
+    try:
+        at = app().run()
+        at.file_uploader(key="data_zip").set_value(("big.zip", buffer.getvalue(), "application/zip"))
+        at.run()
+        assert not at.exception, at.exception
+        assert "over the 1 MB this server accepts" in errors(at)
+        assert not [b for b in at.button if b.key == "data_unpack"]
+    finally:
+        st_config.set_option("server.maxUploadSize", limit)
+    assert not (workspace_dir() / "datasets").exists()

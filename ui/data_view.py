@@ -38,6 +38,7 @@ SIZE_SAMPLE = 2000
 PREVIEW_SIZE = 160
 PREVIEW_COPIES = 6
 SPLIT_COLOURS = {"train": "#3b5bdb", "valid": "#f08c00", "test": "#868e96"}
+SIDE_NAMES = {"train": "training", "valid": "validation", "test": "test"}
 
 
 # ---------------------------------------------------------------- choosing a dataset
@@ -115,13 +116,19 @@ def _open_recent() -> None:
 
 
 def _open_upload() -> None:
+    limit_mb = int(st.get_option("server.maxUploadSize"))
     upload = st.file_uploader(
         "A zip of a dataset folder",
         type=["zip"],
         key="data_zip",
-        help="Unpacked into the workspace's datasets folder; your zip is not changed.",
+        help=f"Up to {limit_mb:,} MB. Unpacked into the workspace's datasets folder; your zip is not changed. "
+        "A bigger dataset: copy its folder to this machine and type its path under **Folder**.",
     )
     if upload is None:
+        return
+    if upload.size > limit_mb * 2**20:  # Streamlit refuses bigger bodies on the way in; never rely on one check
+        st.error(f"{upload.name} is {upload.size / 2**20:,.0f} MB, over the {limit_mb:,} MB this server accepts. "
+                 "Copy the folder to this machine and type its path under **Folder** instead.", icon=":material/error:")
         return
     if st.button(f"Unpack {upload.name}", key="data_unpack", type="primary", icon=":material/unarchive:"):
         target = workspace_dir() / "datasets"
@@ -390,7 +397,7 @@ def render_warnings(source: DataSource, bad: list[BadImage], split: Split) -> No
 def counts_figure(source: DataSource, split: Split):
     table = split_counts(source, split)
     many = len(source.vocab) > 15
-    axis = dict(x="images", y="class", orientation="h") if many else dict(x="class", y="images")
+    axis = {"x": "images", "y": "class", "orientation": "h"} if many else {"x": "class", "y": "images"}
     fig = px.bar(
         table,
         **axis,
@@ -400,8 +407,8 @@ def counts_figure(source: DataSource, split: Split):
         title="Images per class",
         height=max(320, 18 * len(source.vocab)) if many else 320,
     )
-    legend = dict(title=None, orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom")
-    fig.update_layout(margin=dict(l=10, r=10, t=40, b=10), legend=legend)
+    legend = {"title": None, "orientation": "h", "y": 1.02, "x": 1, "xanchor": "right", "yanchor": "bottom"}
+    fig.update_layout(margin={"l": 10, "r": 10, "t": 40, "b": 10}, legend=legend)
     fig.update_xaxes(title=None)
     return fig
 
@@ -445,8 +452,8 @@ def sizes_figure(sizes: pd.DataFrame):
         height=320,
         hover_data={"images": True},
     )
-    fig.update_traces(marker=dict(color=SPLIT_COLOURS["train"], opacity=0.55, line=dict(width=0)))
-    fig.update_layout(margin=dict(l=10, r=10, t=40, b=10))
+    fig.update_traces(marker={"color": SPLIT_COLOURS["train"], "opacity": 0.55, "line": {"width": 0}})
+    fig.update_layout(margin={"l": 10, "r": 10, "t": 40, "b": 10})
     fig.update_yaxes(scaleanchor="x", scaleratio=1, rangemode="tozero")
     fig.update_xaxes(rangemode="tozero")
     return fig
@@ -498,7 +505,7 @@ def render_gallery(source: DataSource, split: Split) -> None:
     sides = item_sides(source, split)
     present = [s for s in ("train", "valid", "test") if (sides == s).any()]
     with st.container(horizontal=True, gap="medium", vertical_alignment="bottom"):
-        label = lambda c: f"{c} ({counts[c]})"  # noqa: E731
+        label = lambda c: f"{c} ({counts[c]})"
         if len(vocab) <= 6:
             chosen = st.segmented_control(
                 "Class", vocab, default=vocab[0], key="data_gallery_class", format_func=label, required=True
@@ -516,7 +523,7 @@ def render_gallery(source: DataSource, split: Split) -> None:
     pager = f"data_gallery_page_{vocab.index(chosen)}_{side}"
     shown = [members[k] for k in gallery.paginate(len(members), PAGE_SIZE, key=pager)]
     with slot:
-        which = "" if side == "all" else f" {dict(train='training', valid='validation', test='test')[side]}"
+        which = "" if side == "all" else " " + SIDE_NAMES[side]
         if not members:
             st.caption(f"**{chosen}** has no{which} images.")
             return
