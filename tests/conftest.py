@@ -46,8 +46,8 @@ def demo_dataset(tmp_path: Path) -> Path:
 
 def tiny_config(dataset: Path, data: dict | None = None, **train) -> TrainConfig:
     """resnet18 from scratch at 32 px, one one-cycle epoch: a real run that takes seconds on a CPU."""
-    data_options = dict(size=32, batch_size=8, num_workers=0, max_rotate=0, min_scale=0.75) | (data or {})
-    settings = dict(schedule="one_cycle", epochs=1, lr=1e-2) | train
+    data_options = {"size": 32, "batch_size": 8, "num_workers": 0, "max_rotate": 0, "min_scale": 0.75} | (data or {})
+    settings = {"schedule": "one_cycle", "epochs": 1, "lr": 1e-2} | train
     return TrainConfig(
         data=DataConfig(path=str(dataset), **data_options),
         model=ModelConfig(arch="resnet18", pretrained=False),
@@ -70,3 +70,12 @@ def open_app_page(page: str, timeout: float = 120) -> AppTest:
     at.run()
     assert not at.exception, at.exception
     return at
+
+
+def failed_after(good_run: Path, workspace: Path) -> Path:
+    """A workspace whose runs are `good_run` (linked, not copied) and, newer, a run that failed; returns the latter."""
+    (workspace / "runs").mkdir(parents=True)
+    (workspace / "runs" / good_run.name).symlink_to(good_run, target_is_directory=True)
+    failed = runs.create(tiny_config(workspace).to_dict(), root=workspace / "runs", name_hint="broken")
+    runs.mark_finished(failed, runs.FAILED, error="RuntimeError: out of luck")
+    return failed

@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import failed_after, open_app_page, tiny_config, train_tiny_run
 from streamlit.testing.v1 import AppTest
 
-from conftest import open_app_page, tiny_config, train_tiny_run
 from core import clean, runs
 from core.demo import DemoSpec, make_demo_dataset
 from core.env import runs_dir
@@ -56,6 +56,16 @@ def test_no_run_says_so(tmp_path, monkeypatch):
     at = open_page(tmp_path / "empty", monkeypatch)
     assert any("No run yet" in i.value for i in at.info)
     assert not at.button
+
+
+def test_a_failed_newest_run_does_not_hide_the_model_before_it(home, tmp_path, monkeypatch):
+    (good,) = runs.list_runs(home / "runs")
+    failed = failed_after(Path(good["path"]), tmp_path).name
+    at = open_page(tmp_path, monkeypatch)
+    assert at.image and mark_boxes(at)  # the images of the run before, ready to mark
+    (note,) = [w.value for w in at.warning]
+    assert failed in note and "failed" in note and good["id"] in note
+    assert any(f"run {good['id']}" in c.value for c in at.caption)
 
 
 def test_mark_switch_apply_undo(home, monkeypatch):

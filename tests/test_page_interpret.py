@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import failed_after, open_app_page, tiny_config, train_tiny_run
 from streamlit.testing.v1 import AppTest
 
-from conftest import open_app_page, tiny_config, train_tiny_run
 from core import interpret, runs
 from core.demo import DemoSpec, make_demo_dataset
 from core.env import runs_dir
@@ -59,6 +59,18 @@ def test_a_run_without_a_model_yet_is_explained(tmp_path, monkeypatch):
     at = open_page(tmp_path, monkeypatch)
     assert any("no model" in i.value for i in at.info)
     assert not at.get("plotly_chart")
+
+
+def test_a_failed_newest_run_does_not_hide_the_model_before_it(home, tmp_path, monkeypatch):
+    (good,) = runs.list_runs(home / "runs")
+    failed = failed_after(Path(good["path"]), tmp_path).name
+    at = open_page(tmp_path, monkeypatch)
+    assert at.session_state["run_id"] == failed  # the newest run stays the selected one
+    assert heatmap(at)["type"] == "heatmap" and at.image  # yet the page shows the model before it
+    (note,) = [w.value for w in at.warning]
+    assert failed in note and "failed" in note and good["id"] in note
+    assert any(good["id"] in c.value for c in at.caption)
+    assert any("failed" in link.value and "train" in link.proto.page for link in at.get("page_link"))
 
 
 def test_finished_run_shows_matrix_tables_and_gallery(home, monkeypatch):

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import failed_after, open_app_page
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from conftest import open_app_page
 from core import job, runs
 from core.data import DataConfig
 from core.demo import DemoSpec, make_demo_dataset
@@ -94,9 +94,19 @@ def test_no_model_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     assert not at.file_uploader
 
 
+def test_a_failed_newest_run_does_not_pass_for_the_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trained):
+    run_dir, _ = trained
+    failed = failed_after(run_dir, tmp_path).name
+    monkeypatch.setenv("LOUPE_HOME", str(tmp_path))
+    at = open_predict()
+    assert at.selectbox(key="predict_model").value == run_dir.name
+    (note,) = [w.value for w in at.warning]
+    assert failed in note and "failed" in note and run_dir.name in note
+
+
 def test_one_image_gives_a_bar_chart_and_wrong_answers_become_feedback(home: Path, trained):
     run_dir, dataset = trained
-    image = sorted((dataset / "circle").glob("*.png"))[0]
+    image = min((dataset / "circle").glob("*.png"))
     data = png(image)
     at = open_predict()
     assert at.selectbox(key="predict_model").value == run_dir.name
@@ -119,7 +129,7 @@ def test_one_image_gives_a_bar_chart_and_wrong_answers_become_feedback(home: Pat
 
 def test_many_images_give_a_table_and_a_csv(home: Path, trained):
     _, dataset = trained
-    images = [sorted((dataset / c).glob("*.png"))[0] for c in VOCAB]
+    images = [min((dataset / c).glob("*.png")) for c in VOCAB]
     at = open_predict()
     at.file_uploader(key="predict_files").set_value([(p.name, png(p), "image/png") for p in images]).run()
     assert not at.exception, at.exception
@@ -137,7 +147,7 @@ def test_many_images_give_a_table_and_a_csv(home: Path, trained):
 
 def test_bad_uploads_get_a_clear_message_and_nothing_is_written(home: Path, trained):
     _, dataset = trained
-    good = sorted((dataset / "square").glob("*.png"))[0]
+    good = min((dataset / "square").glob("*.png"))
     at = open_predict()
     at.file_uploader(key="predict_files").set_value(
         [
@@ -159,7 +169,7 @@ def test_bad_uploads_get_a_clear_message_and_nothing_is_written(home: Path, trai
 
 def test_a_camera_shot_is_classified(home: Path, trained):
     _, dataset = trained
-    shot = jpeg(sorted((dataset / "triangle").glob("*.png"))[0])
+    shot = jpeg(min((dataset / "triangle").glob("*.png")))
     at = open_predict()
     at.radio(key="predict_source").set_value("Camera").run()
     at.camera_input(key="predict_camera").upload("shot.jpg", shot).run()

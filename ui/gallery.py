@@ -16,9 +16,9 @@ import pandas as pd
 import streamlit as st
 from PIL import Image
 
-from core import runs
+from core import interpret, runs
 from ui.cache import run_table, thumb
-from ui.state import current_run
+from ui.state import current_run, latest_run_where
 
 THUMB_SIZE = 192
 PAD_COLOUR = (240, 242, 246)  # Streamlit's secondary background: the letterbox blends into the page
@@ -94,8 +94,36 @@ def loss_caption(row: pd.Series) -> str:
             f"loss {row['loss']:.2f} · prob {row['prob_pred']:.2f}")
 
 
+def run_state(run: Path) -> str | None:
+    try:
+        return runs.status(run).get("state")
+    except (OSError, ValueError):
+        return None
+
+
+def passed_over(selected: Path, shown: Path) -> None:
+    """Say why a page that needs a model shows `shown` instead of the selected run, with a link to the latter."""
+    state = run_state(selected)
+    if state == runs.FAILED:
+        st.warning(f"The selected run **{selected.name}** failed and has no model: this page shows run "
+                   f"**{shown.name}** instead.", icon=":material/error:")
+    elif state in runs.ACTIVE_STATES:
+        st.info(f"The selected run **{selected.name}** is still {state}: until it finishes, this page shows run "
+                f"**{shown.name}**.", icon=":material/hourglass_top:")
+    else:
+        st.info(f"The selected run **{selected.name}** has no model ({state or 'unknown state'}): this page shows "
+                f"run **{shown.name}** instead.", icon=":material/info:")
+    verb = "See why it failed" if state == runs.FAILED else "Follow it"
+    st.page_link("app_pages/train.py", label=f"{verb} on Train", icon=":material/model_training:")
+
+
+def has_tables(run: Path) -> bool:
+    return interpret.table_path(run, "valid").exists()
+
+
 def require_run_tables() -> tuple[Path, pd.DataFrame]:
-    """The selected run and its valid-split item table; stops the page with a clear note when there is none."""
+    """The run to look at and its valid-split item table: the selected run, or, when it has no model (failed,
+    still training), the newest run that has one, saying so. Stops the page with a clear note when there is none."""
     run = current_run()
     if run is None:
         st.info("No run yet: train a model first, then come back to see where it goes wrong.")
@@ -104,14 +132,16 @@ def require_run_tables() -> tuple[Path, pd.DataFrame]:
     table = run_table(run, "valid")
     if table is not None:
         return run, table
-    try:
-        state = runs.status(run).get("state")
-    except (OSError, ValueError):
-        state = None
+    shown = latest_run_where(has_tables)
+    table = run_table(shown, "valid") if shown is not None else None
+    if table is not None:
+        passed_over(run, shown)
+        return shown, table
+    state = run_state(run)
     if state in runs.ACTIVE_STATES:
         st.info(f"Run **{run.name}** is still {state}. Its model and tables appear here when it finishes.")
     elif state == runs.FAILED:
-        st.warning(f"Run **{run.name}** failed, so it has no model to look at. Pick another run in the sidebar.")
+        st.warning(f"Run **{run.name}** failed, so it has no model to look at, and no other run has one yet.")
     else:
         st.info(f"Run **{run.name}** has no model and interpretation tables yet ({state or 'unknown state'}). "
                 "Pick a finished run in the sidebar, or train one.")

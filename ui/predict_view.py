@@ -3,15 +3,16 @@
 import base64
 import io
 from pathlib import Path
+
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
-from core.feedback import BadUpload
-from core.feedback import preview_jpeg, read_image, save_feedback
+
+from core.feedback import BadUpload, preview_jpeg, read_image, save_feedback
 from core.model import BundleMeta, predict_probs
 from ui.cache import run_bundle
+from ui.gallery import passed_over
 from ui.state import current_run, set_run
-
 
 MODEL_KEY = "predict_model"
 FOLLOWED_KEY = "predict_followed_run"
@@ -60,7 +61,7 @@ def top_figure(pairs: list[tuple[str, float]], threshold: float | None) -> go.Fi
                       annotation_text=f"threshold {threshold:.0%}", annotation_position="top")
     fig.update_xaxes(range=[0, 1.15], tickformat=".0%", title_text="probability")
     fig.update_yaxes(autorange="reversed", automargin=True)
-    fig.update_layout(height=110 + 34 * len(labels), margin=dict(l=10, r=10, t=30, b=10), showlegend=False)
+    fig.update_layout(height=110 + 34 * len(labels), margin={"l": 10, "r": 10, "t": 30, "b": 10}, showlegend=False)
     return fig
 
 
@@ -71,12 +72,15 @@ def model_label(info: dict) -> str:
 
 
 def follow_current_run(model_ids: list[str]) -> None:
-    """Default to the sidebar's run when it has a model; keep the last choice when it has none."""
+    """Default to the sidebar's run when it has a model; keep the last choice (else the newest model) when it has
+    none, and say so: a failed newest run must not look like the model in use."""
     current = current_run()
     if current is not None and current.name in model_ids and st.session_state.get(FOLLOWED_KEY) != current.name:
         st.session_state[MODEL_KEY] = st.session_state[FOLLOWED_KEY] = current.name
     if st.session_state.get(MODEL_KEY) not in model_ids:
         st.session_state[MODEL_KEY] = model_ids[0]
+    if current is not None and current.name not in model_ids:
+        passed_over(current, current.parent / st.session_state[MODEL_KEY])
 
 
 def pick_model() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import streamlit as st
@@ -64,18 +65,26 @@ def run_path(run_id: str) -> Path:
     return runs_dir() / run_id
 
 
+def training_runs() -> list[dict]:
+    """Every run but LR-finder sweeps (a sweep is a run directory too, but "a run" means a training run), newest first."""
+    return [r for r in runs.list_runs(runs_dir()) if r.get("status", {}).get("task") != "lr-find"]
+
+
 def current_run() -> Path | None:
     """The run selected in this session, if it still exists; else the newest run."""
     run_id = st.session_state.get(RUN_KEY)
     if run_id and run_path(run_id).is_dir():
         return run_path(run_id)
-    listing = runs.list_runs(runs_dir())
-    # An LR-finder sweep is a run directory too, but "the current run" means a training run.
-    trainings = [r for r in listing if r.get("status", {}).get("task") != "lr-find"]
+    trainings = training_runs()
     if not trainings:
         return None
     st.session_state[RUN_KEY] = trainings[0]["id"]
     return Path(trainings[0]["path"])
+
+
+def latest_run_where(ready: Callable[[Path], bool]) -> Path | None:
+    """The newest training run for which `ready(run_dir)` holds, e.g. the newest with a model."""
+    return next((Path(r["path"]) for r in training_runs() if ready(Path(r["path"]))), None)
 
 
 def set_run(run_id: str | None) -> None:
