@@ -9,15 +9,18 @@ Four layouts are detected (see `detect_layout`):
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from core.augment import presize_side
@@ -37,6 +40,7 @@ LAYOUT_NAMES = {
 }
 VALID_DIR_NAMES = ("valid", "val", "validation")
 PETS_REGEX = r"^(.+)_\d+\.\w+$"
+MAX_LISTED = 1000  # CSV rows naming files that are not there: this many are listed, the rest only counted
 
 
 @dataclass
@@ -100,9 +104,14 @@ class DataSource:
     fixed_split: list[str] | None = None  # "train" / "valid" / "test" per item when the layout says
     groups: list[str] | None = None  # group key per item (CSV group column)
     unlabelled: list[tuple[Path, str]] = field(default_factory=list)  # (file, why it has no label)
+    unlisted: int = 0  # more files without a label than `unlabelled` lists: counted only (a CSV can name millions)
 
     def __len__(self) -> int:
         return len(self.files)
+
+    @property
+    def n_unlabelled(self) -> int:
+        return len(self.unlabelled) + self.unlisted
 
     def describe(self) -> str:
         kind = "multi-label, " if self.multi_label else ""
@@ -115,7 +124,7 @@ class DataSource:
     def without(self, drop: set[Path]) -> DataSource:
         """The same source minus the files in `drop` (e.g. those `verify_images` found broken)."""
         keep = [i for i, f in enumerate(self.files) if f not in drop]
-        pick = lambda xs: None if xs is None else [xs[i] for i in keep]  # noqa: E731
+        pick = lambda xs: None if xs is None else [xs[i] for i in keep]
         labels = pick(self.labels)
         present = {label for ls in labels for label in ls}
         return replace(
@@ -165,8 +174,12 @@ def list_images(root: str | os.PathLike) -> list[Path]:
     Symlinks are followed only where they resolve inside `root`, so a dataset cannot
     pull in files from elsewhere on the machine, and link cycles are visited once.
     """
+    return sorted(iter_images(root))
+
+
+def iter_images(root: str | os.PathLike) -> Iterator[Path]:
+    """The image files of `list_images`, unsorted and one at a time: asking whether there is any stops early."""
     root = Path(root).resolve()
-    found: list[Path] = []
     seen_dirs: set[Path] = set()
     stack = [root]
     while stack:
@@ -192,39 +205,58 @@ def list_images(root: str | os.PathLike) -> list[Path]:
                 if target.is_dir():
                     stack.append(target)
                 elif is_image_file(path):
-                    found.append(path)
+                    yield path
             elif entry.is_dir(follow_symlinks=False):
                 stack.append(path)
             elif is_image_file(path):
-                found.append(path)
-    return sorted(found)
+                yield path
 
 
-def _subdirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _inside(path: Path, root: Path) -> bool:
+    """Whether `path`, symlinks resolved, lies in `root` (resolved): a link leaving the dataset is skipped."""
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
+
+
+def _subdirs(folder: Path, root: Path) -> list[Path]:
+    """The visible subfolders of `folder`, leaving out symlinks to folders outside `root`."""
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and _inside(p, root))
 
 
 def _find_csv(root: Path) -> Path | None:
-    csvs = [p for p in root.glob("*.csv") if not p.name.startswith(".")]
+    csvs = [p for p in root.glob("*.csv") if not p.name.startswith(".") and _inside(p, root)]
     return csvs[0] if len(csvs) == 1 else None
+
+
+def dataset_root(cfg: DataConfig) -> Path:
+    """`cfg.path` with `~` expanded; DataError when it names no folder (a `~user` this machine lacks included)."""
+    try:
+        root = Path(cfg.path).expanduser()
+    except RuntimeError:  # "Could not determine home directory."
+        raise DataError(f"Dataset folder {cfg.path!r} starts with a home folder this machine does not have.") from None
+    if not root.is_dir():
+        raise DataError(f"Dataset folder {str(root)!r} does not exist or is not a folder.")
+    return root
 
 
 def detect_layout(cfg: DataConfig) -> str:
     """Which of the four layouts `cfg.path` uses (or `cfg.layout` when it is not "auto")."""
-    root = Path(cfg.path).expanduser()
-    if not root.is_dir():
-        raise DataError(f"Dataset folder {str(root)!r} does not exist or is not a folder.")
+    root = dataset_root(cfg)
     if cfg.layout != "auto":
         return cfg.layout
-    if cfg.csv_file or _find_csv(root):
-        return "csv"
-    names = {d.name.lower() for d in _subdirs(root)}
-    if "train" in names and names & set(VALID_DIR_NAMES):
-        return "split_folders"
-    if any(is_image_file(p) for d in _subdirs(root) for p in d.rglob("*")):
-        return "folders"
-    if any(is_image_file(p) for p in root.iterdir()):
-        return "filename_regex"
+    try:
+        if cfg.csv_file or _find_csv(root):
+            return "csv"
+        names = {d.name.lower() for d in _subdirs(root, root)}
+        if "train" in names and names & set(VALID_DIR_NAMES):
+            return "split_folders"
+        # The loader's own walk, so symlinked folders that leave the dataset are skipped here too.
+        resolved = root.resolve()
+        if any(f.parent != resolved for f in iter_images(root)):
+            return "folders"
+        if any(is_image_file(p) for p in root.iterdir()):
+            return "filename_regex"
+    except OSError as e:
+        raise DataError(f"Cannot read the dataset folder {str(root)!r}: {e.strerror or e}.") from None
     raise DataError(f"No images found in {str(root)!r}: expected image files or one folder of images per class.")
 
 
@@ -234,7 +266,7 @@ def detect_layout(cfg: DataConfig) -> str:
 def load_source(cfg: DataConfig) -> DataSource:
     """Find every item of the dataset at `cfg.path` with its label(s)."""
     layout = detect_layout(cfg)
-    root = Path(cfg.path).expanduser().resolve()
+    root = dataset_root(cfg).resolve()
     loader = {
         "folders": _load_folders,
         "split_folders": _load_split_folders,
@@ -264,7 +296,7 @@ def _load_folders(root: Path, cfg: DataConfig) -> DataSource:
 def _load_split_folders(root: Path, cfg: DataConfig) -> DataSource:
     split_of = {"train": "train", "test": "test", **{v: "valid" for v in VALID_DIR_NAMES}}
     rows, splits = [], []
-    for folder in _subdirs(root):
+    for folder in _subdirs(root, root):
         split = split_of.get(folder.name.lower())
         if split is None:
             continue
@@ -292,37 +324,94 @@ def _load_csv(root: Path, cfg: DataConfig) -> DataSource:
     csv_path = root / cfg.csv_file if cfg.csv_file else _find_csv(root)
     if csv_path is None or not csv_path.is_file():
         raise DataError(f"CSV file {str(csv_path)!r} not found.")
-    table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    if table.shape[1] < 2:
-        raise DataError(f"{csv_path.name} needs at least two columns: file name and label(s).")
-    fname_col = cfg.csv_fname_col or table.columns[0]
-    label_col = cfg.csv_label_col or table.columns[1]
-    for col in (fname_col, label_col, cfg.group_col):
-        if col and col not in table.columns:
-            raise DataError(f"{csv_path.name} has no column {col!r}; its columns are {list(table.columns)}.")
+    if not _inside(csv_path, root):
+        raise DataError(f"CSV file {cfg.csv_file!r} lies outside the dataset folder {str(root)!r}.")
+    table = read_labels_csv(csv_path, cfg)
     by_name = _index_files(csv_path.parent)
-    rows, unlabelled, groups, splits = [], [], [], []
-    for _, record in table.iterrows():
-        name = record[fname_col].strip()
-        path = by_name.get(name) or by_name.get(Path(name).as_posix())
-        labels = tuple(x for x in record[label_col].split(cfg.label_delim or None) if x)
-        if path is None:
-            unlabelled.append((csv_path.parent / name, "listed in the CSV but not found"))
-        elif not labels:
-            unlabelled.append((path, "no label in the CSV"))
-        else:
-            rows.append((path, labels))
-            groups.append(record[cfg.group_col] if cfg.group_col else None)
-            if "is_valid" in table.columns:  # fastai's convention for a fixed split
-                splits.append("valid" if record["is_valid"].strip().lower() in ("1", "true", "yes") else "train")
+    names = table["file"].str.strip().tolist()
+    # Path() only where it can change the name ("./a.jpg", "a//b.jpg"): millions of rows stay fast.
+    paths = [by_name.get(n) or (by_name.get(Path(n).as_posix()) if "/" in n else None) for n in names]
+    missing = [i for i, path in enumerate(paths) if path is None]
+    unlabelled = [(csv_path.parent / names[i], "listed in the CSV but not found") for i in missing[:MAX_LISTED]]
+    rows, groups, splits = [], [], []
+    found = table.iloc[[i for i, path in enumerate(paths) if path is not None]]
+    for i, text, group, valid in zip(found.index, found["labels"], found["group"], found["is_valid"]):
+        labels = tuple(x for x in text.split(cfg.label_delim or None) if x)
+        if not labels:
+            unlabelled.append((paths[i], "no label in the CSV"))
+            continue
+        rows.append((paths[i], labels))
+        groups.append(group)
+        splits.append("valid" if valid.strip().lower() in ("1", "true", "yes") else "train")
     return _make_source(
         root,
         "csv",
         rows,
         groups=groups if cfg.group_col else None,
-        fixed_split=splits or None,
+        fixed_split=splits if "is_valid" in table.attrs["columns"] else None,  # fastai's convention
         unlabelled=unlabelled,
+        unlisted=max(0, len(missing) - MAX_LISTED),
     )
+
+
+def read_labels_csv(csv_path: Path, cfg: DataConfig) -> pd.DataFrame:
+    """The columns Loupe uses from a labels CSV, as text: file, labels, group and is_valid ("" where the CSV has
+    no such column); `attrs["columns"]` holds the CSV's own column names. DataError, naming the line, for a file
+    that cannot be read as CSV (uneven rows, bytes that are not UTF-8, no header).
+
+    Only the needed columns are read, by pyarrow's multithreaded parser: two million rows take seconds, not minutes.
+    """
+    columns = _csv_header(csv_path)
+    if len(columns) < 2:
+        raise DataError(f"{csv_path.name} needs at least two columns: file name and label(s).")
+    wanted = {"file": cfg.csv_fname_col or columns[0], "labels": cfg.csv_label_col or columns[1],
+              "group": cfg.group_col, "is_valid": "is_valid" if "is_valid" in columns else None}
+    for col in wanted.values():
+        if col and col not in columns:
+            raise DataError(f"{csv_path.name} has no column {col!r}; its columns are {columns}.")
+    used = sorted({col for col in wanted.values() if col})
+    try:
+        read = pd.read_csv(csv_path, usecols=used, dtype=str, keep_default_na=False, engine="pyarrow")
+    except (ValueError, OSError) as e:  # pandas' ParserError and EmptyDataError are ValueErrors
+        raise DataError(f"{csv_path.name} cannot be read: {_csv_problem(csv_path, len(columns), e)}") from None
+    table = pd.DataFrame({key: read[col] if col else "" for key, col in wanted.items()}, index=range(len(read)))
+    table.attrs["columns"] = columns
+    return table
+
+
+def _csv_header(csv_path: Path) -> list[str]:
+    """The column names on the CSV's first line (a UTF-8 byte-order mark, as Excel writes, is allowed)."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), None)
+    except UnicodeDecodeError:
+        raise DataError(f"{csv_path.name} cannot be read: line 1 is not UTF-8 text. Save the file as UTF-8 "
+                        "(in Excel: CSV UTF-8).") from None
+    except (OSError, csv.Error) as e:
+        raise DataError(f"{csv_path.name} cannot be read: {e}.") from None
+    if not header:
+        raise DataError(f"{csv_path.name} is empty: it needs a header line (file name, label) and one line per image.")
+    return header
+
+
+def _csv_problem(csv_path: Path, width: int, error: Exception) -> str:
+    """Where the CSV goes wrong, for someone fixing it in an editor: the first line that is not UTF-8 or
+    that has the wrong number of fields. Read line by line, only once a parse has failed."""
+    with open(csv_path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return f"line {number} is not UTF-8 text. Save the file as UTF-8 (in Excel: CSV UTF-8)."
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, strict=True)
+        try:
+            for row in reader:
+                if row and len(row) != width:
+                    return f"line {reader.line_num} has {len(row)} fields, but the header line has {width}."
+        except csv.Error as e:
+            return f"line {reader.line_num}: {e}."
+    return f"{error}."
 
 
 def _index_files(base: Path) -> dict[str, Path]:
@@ -428,6 +517,81 @@ def _group_split(groups: list[str], strata: list[str] | None, valid_pct: float, 
         # Every group is bigger than its quota allows: the smallest one is still better than no validation.
         valid = list(members[min(keys, key=lambda k: len(members[k]))])
     return np.array(sorted(valid), dtype=int)
+
+
+def split_fixed_by(cfg: DataConfig) -> str | None:
+    """Why the dataset at `cfg.path` fixes its own split (so valid_pct, seed, stratify and group_regex do not
+    apply), in words for the user; None when Loupe makes the split. Reads folder names and a CSV header only."""
+    try:
+        layout = detect_layout(cfg)
+    except DataError:
+        return None
+    if layout == "split_folders":
+        return "its train/ and valid/ folders fix the split"
+    if layout == "csv":
+        root = dataset_root(cfg)
+        csv_path = root / cfg.csv_file if cfg.csv_file else _find_csv(root)
+        try:
+            columns = _csv_header(csv_path) if csv_path else []
+        except DataError:  # loading the dataset says what is wrong with the CSV
+            return None
+        if "is_valid" in columns:
+            return "the is_valid column of its CSV fixes the split"
+    return None
+
+
+# ---------------------------------------------------------------- defaults that fit the data
+
+SIDE_SAMPLE = 200  # image headers read to judge a dataset's typical image size
+MIN_BATCHES_PER_EPOCH = 8  # a small dataset gets a batch size that still gives each epoch this many steps
+MIN_SUGGESTED_BATCH = 16  # ...but no smaller: BatchNorm's batch statistics get noisy below about 16 images
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What a training form needs to know about a dataset to suggest settings; read without decoding images."""
+
+    n_train: int  # items on the training side of the split (files that fail to decode not yet dropped)
+    vocab: tuple[str, ...]  # class names
+    typical_side: int | None  # median shorter side, in pixels, of a sample of the images (None: none readable)
+    split_fixed: str | None  # why the dataset fixes its own split (see `split_fixed_by`), None when Loupe splits
+
+
+def data_facts(cfg: DataConfig) -> DataFacts:
+    """Count, classes, typical image size and split of the dataset `cfg` describes (DataError when unreadable)."""
+    source = load_source(cfg)
+    n_train = len(split_items(source, cfg).train)
+    files = source.files
+    if len(files) > SIDE_SAMPLE:  # the same sample every time, spread over all classes
+        files = [files[i] for i in sorted(np.random.default_rng(0).choice(len(files), SIDE_SAMPLE, replace=False))]
+    sides = [side for side in map(_shorter_side, files) if side]
+    typical = int(np.median(sides)) if sides else None
+    return DataFacts(n_train, tuple(source.vocab), typical, split_fixed_by(cfg))
+
+
+def _shorter_side(path: Path) -> int | None:
+    """From the file header only (no decode); an EXIF quarter turn swaps the sides, never the shorter one."""
+    try:
+        with Image.open(path) as img:
+            return min(img.size)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
+def suggested_size(typical_side: int | None, default: int = DataConfig.size) -> int:
+    """The training size for images of `typical_side` pixels: `default`, or the images' own size when they are
+    smaller (upscaling 64-pixel images to 224 adds no detail, only 12 times the compute), in steps of 16."""
+    if typical_side is None or typical_side >= default:
+        return default
+    return max(32, typical_side // 16 * 16)
+
+
+def suggested_batch_size(n_train: int, default: int = DataConfig.batch_size) -> int:
+    """`default`, or, for a small training set, the power of two that still gives an epoch MIN_BATCHES_PER_EPOCH
+    steps (96 images at 64 would be 2 steps an epoch, too few for a schedule to warm up and anneal), not below
+    MIN_SUGGESTED_BATCH."""
+    fit = 1 << max(0, (n_train // MIN_BATCHES_PER_EPOCH).bit_length() - 1)
+    return max(MIN_SUGGESTED_BATCH, min(default, fit))
 
 
 # ---------------------------------------------------------------- datasets and loaders
@@ -560,6 +724,17 @@ def _add_to_train(source: DataSource, split: Split, extra: DataSource) -> tuple[
     return merged, replace(split, train=np.concatenate([split.train, added]))
 
 
+def drops_last(n_items: int, batch_size: int) -> bool:
+    """Whether an epoch over `n_items` training items leaves out its last, incomplete batch.
+
+    Only when that batch would hold a single image: BatchNorm cannot train on one item (it has no batch
+    statistics), while a last batch of two or more is a smaller but sound step. Dropping every incomplete
+    batch instead (PyTorch's drop_last) leaves out up to batch_size - 1 images an epoch: a third of a
+    96-image dataset at batch 64. This way an epoch leaves out at most one image, a different one each epoch.
+    """
+    return n_items > 1 and n_items % batch_size == 1
+
+
 def make_loader(
     source: DataSource,
     ids: np.ndarray,
@@ -581,8 +756,7 @@ def make_loader(
         ImageDataset(source, ids, presize_side(cfg.size), cfg.max_pixels),
         batch_size=cfg.batch_size,
         sampler=sampler,
-        # A last batch of one image breaks BatchNorm in training mode, so full batches only.
-        drop_last=train and per_rank > cfg.batch_size,
+        drop_last=train and drops_last(per_rank, cfg.batch_size),
         num_workers=workers,
         pin_memory=device is not None and device.type == "cuda",
         persistent_workers=workers > 0,
@@ -614,11 +788,42 @@ def source_record(source: DataSource, split: Split) -> dict:
         "layout": source.layout,
         "vocab": source.vocab,
         "multi_label": source.multi_label,
+        "fixed_split": source.fixed_split is not None,  # by the layout (folders, an is_valid column), not Loupe
         "items": [
             {"file": _relative_if_inside(f, source.root), "labels": list(ls), "split": str(sd)}
             for f, ls, sd in zip(source.files, source.labels, side)
         ],
     }
+
+
+def describe_split(record: dict, cfg: DataConfig) -> str:
+    """The split a run used, in words, from its dataset record (see `source_record`), e.g. "train/ and val/
+    folders: 245 train · 153 valid (38%)". The record is the truth: where the layout fixed the split, the
+    config's valid_pct, seed and grouping were never used and must not be reported."""
+    items = record["items"]
+    counts = Counter(item["split"] for item in items)
+    n_train, n_valid, n_test = counts["train"], counts["valid"], counts["test"]
+    sizes = f"{n_train} train · {n_valid} valid ({n_valid / max(n_train + n_valid, 1):.0%})"
+    sizes += f" · {n_test} test" if n_test else ""
+    extra = sum(item["split"] == "train" and Path(item["file"]).is_absolute() for item in items)
+    sizes += f", {extra} of the train images from extra folders" if extra else ""
+    # Records written before "fixed_split" existed: only the train/valid folder layout could be told apart.
+    if not record.get("fixed_split", record.get("layout") == "split_folders"):
+        how = f"random {cfg.valid_pct:.0%} split{' per class' if cfg.stratify else ''}, seed {cfg.seed}"
+        group = cfg.group_col or cfg.group_regex
+        how += f", grouped by `{group}`" if group else ""
+        return f"{how}: {sizes}"
+    if record.get("layout") != "split_folders":
+        return f"the CSV's is_valid column: {sizes}"
+    folders = []  # each side's top folder (record paths are POSIX), train first: "train/ and val/ folders"
+    for side in ("train", "valid", "test"):
+        for item in items:
+            top = item["file"].split("/")[0]
+            if item["split"] == side and not Path(item["file"]).is_absolute() and top not in folders:
+                folders.append(top)
+    names = [f"{name}/" for name in folders]
+    listed = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+    return f"{listed} folders: {sizes}"
 
 
 def _relative_if_inside(path: Path, root: Path) -> str:

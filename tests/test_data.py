@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from core.augment import presize_side
 from core.data import (
     DataConfig,
     DataError,
@@ -24,9 +25,8 @@ from core.data import (
     prepare,
     split_items,
 )
-from core.augment import presize_side
-from core.images import check_image, open_image, verify_images
 from core.demo import DemoSpec, make_demo_dataset, mislabelled_files
+from core.images import check_image, open_image, verify_images
 
 BEARS = Path(__file__).resolve().parents[2] / "shared" / "data" / "bears"
 
@@ -68,7 +68,7 @@ def test_split_folders_layout_keeps_its_split(tmp_path, write_image, valid_name)
     assert detect_layout(cfg) == "split_folders"
     source = load_source(cfg)
     split = split_items(source, cfg)
-    side = lambda ids: {source.files[i].relative_to(tmp_path.resolve()).parts[0] for i in ids}  # noqa: E731
+    side = lambda ids: {source.files[i].relative_to(tmp_path.resolve()).parts[0] for i in ids}
     assert (len(split.train), len(split.valid), len(split.test)) == (6, 2, 1)
     assert side(split.train) == {"train"} and side(split.valid) == {valid_name} and side(split.test) == {"test"}
     assert source.vocab == ["cat", "dog"]
@@ -400,7 +400,7 @@ def test_make_dataloaders_on_demo_data(demo_dataset):
     dls = make_dataloaders(cfg)
     assert dls.vocab == ["circle", "square", "triangle"] and dls.n_classes == 3 and not dls.multi_label
     train_seen = _check_batches(dls.train, dls.source)
-    assert len(train_seen) == len(dls.split.train) // 8 * 8 and set(train_seen) <= set(dls.split.train.tolist())
+    assert sorted(train_seen) == dls.split.train.tolist()  # 18 images at batch 8: the last batch of 2 is kept
     assert sorted(_check_batches(dls.valid, dls.source)) == dls.split.valid.tolist()
 
 
@@ -519,10 +519,85 @@ def test_extra_training_folders_join_the_train_side_only(demo_dataset, tmp_path,
     for i in range(3):
         write_image(feedback / "circle" / f"fb_{i}.png", (250, 10, 10))
     write_image(feedback / "hexagon" / "fb_new.png", (10, 10, 250))
-    source, bad, split = prepare(DataConfig(path=str(demo_dataset), extra_train=[str(feedback)]))
+    source, _, split = prepare(DataConfig(path=str(demo_dataset), extra_train=[str(feedback)]))
     extra = {i for i, f in enumerate(source.files) if f.is_relative_to(feedback.resolve())}
     assert len(extra) == 4 and extra <= set(split.train.tolist())
     assert not extra & set(split.valid.tolist())
     assert "hexagon" in source.vocab and source.vocab == sorted(source.vocab)
     rebuilt, rebuilt_split = source_from_record(source_record(source, split))
     assert rebuilt.files == source.files and rebuilt_split.train.tolist() == sorted(split.train.tolist())
+
+
+def test_split_is_described_from_what_the_run_used_not_from_the_config(tmp_path, write_image):
+    from core.data import describe_split, source_record
+
+    def described(cfg: DataConfig) -> str:
+        source, _, split = prepare(cfg)
+        return describe_split(source_record(source, split), cfg)
+
+    # train/ and val/ folders fix the split: valid_pct and seed were never used, so they are not reported.
+    for side, n in (("train", 6), ("val", 4)):
+        for i in range(n):
+            write_image(tmp_path / "bears" / side / "grizzly" / f"{i}.png", (i * 20, 90, 40))
+    cfg = DataConfig(path=str(tmp_path / "bears"), valid_pct=0.2, seed=42)
+    assert described(cfg) == "train/ and val/ folders: 6 train · 4 valid (40%)"
+
+    rows = ["file,label,is_valid"] + [f"{i}.png,cat,{int(i < 3)}" for i in range(10)]
+    for i in range(10):
+        write_image(tmp_path / "csv" / f"{i}.png", (i * 20, 40, 90))
+    (tmp_path / "csv" / "labels.csv").write_text("\n".join(rows) + "\n")
+    assert described(DataConfig(path=str(tmp_path / "csv"))) == "the CSV's is_valid column: 7 train · 3 valid (30%)"
+
+    for i in range(10):
+        write_image(tmp_path / "loose" / "cat" / f"{i}.png", (i * 20, 40, 90))
+    cfg = DataConfig(path=str(tmp_path / "loose"), valid_pct=0.3, seed=7)
+    assert described(cfg) == "random 30% split per class, seed 7: 7 train · 3 valid (30%)"
+
+
+def test_an_epoch_leaves_out_at_most_one_training_image(tmp_path, write_image):
+    # 96 training images at batch 64 used to train on 64 of them an epoch: the incomplete batch was dropped.
+    make_demo_dataset(tmp_path / "demo", DemoSpec(n_per_class=40, size=16, seed=0))
+    dls = make_dataloaders(DataConfig(path=str(tmp_path / "demo"), size=16, batch_size=64, num_workers=0))
+    assert len(dls.split.train) == 96
+    assert [len(x) for x, _, _ in dls.train] == [64, 32]
+    _class_folders(tmp_path / "eleven", {"a": 7, "b": 6}, write_image)  # 11 training images (2 held out)
+    eleven = make_dataloaders(DataConfig(path=str(tmp_path / "eleven"), size=16, batch_size=4, num_workers=0))
+    assert [len(x) for x, _, _ in eleven.train] == [4, 4, 3]
+
+
+def test_defaults_fitted_to_a_dataset(tmp_path, write_image):
+    from core.data import MIN_BATCHES_PER_EPOCH, data_facts, suggested_batch_size, suggested_size
+
+    demo = make_demo_dataset(tmp_path / "demo", DemoSpec(n_per_class=40, size=64, seed=0))
+    facts = data_facts(DataConfig(path=str(demo)))
+    assert (facts.n_train, facts.vocab, facts.typical_side, facts.split_fixed) == (
+        96, ("circle", "square", "triangle"), 64, None)
+    assert suggested_size(facts.typical_side) == 64  # not upscaled to 224
+    bs = suggested_batch_size(facts.n_train)
+    assert bs < 64 and -(-facts.n_train // bs) >= MIN_BATCHES_PER_EPOCH // 2
+    assert suggested_size(500) == 224 and suggested_size(100) == 96 and suggested_size(None) == 224
+    assert suggested_batch_size(100_000) == 64 and suggested_batch_size(3) == 16
+    for side, n in (("train", 4), ("valid", 2)):
+        for i in range(n):
+            write_image(tmp_path / "split" / side / "cat" / f"{i}.png", size=300)
+            write_image(tmp_path / "split" / side / "dog" / f"{i}.png", size=280)
+    facts = data_facts(DataConfig(path=str(tmp_path / "split"), valid_pct=0.4))
+    assert facts.n_train == 8 and facts.typical_side == 290  # the median of 280s and 300s
+    assert "train/ and valid/ folders" in facts.split_fixed
+
+
+def test_split_fixed_by_names_what_fixes_the_split(tmp_path, write_image):
+    from core.data import split_fixed_by
+
+    _class_folders(tmp_path / "loose", {"a": 2, "b": 2}, write_image)
+    assert split_fixed_by(DataConfig(path=str(tmp_path / "loose"))) is None
+    for with_column in (True, False):
+        folder = tmp_path / f"csv_{with_column}"
+        for i in range(4):
+            write_image(folder / f"{i}.png")
+        rows = ["file,label,is_valid"] if with_column else ["file,label"]
+        rows += [f"{i}.png,{'ab'[i % 2]}" + (f",{int(i == 0)}" if with_column else "") for i in range(4)]
+        (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+        reason = split_fixed_by(DataConfig(path=str(folder)))
+        assert (reason is not None and "is_valid" in reason) if with_column else reason is None
+    assert split_fixed_by(DataConfig(path=str(tmp_path / "nowhere"))) is None
