@@ -1,7 +1,9 @@
 """Predict: a trained model on new images (uploads or a camera shot); wrong answers become a feedback dataset."""
 
 from pathlib import Path
+
 import streamlit as st
+
 from core import runs
 from core.env import runs_dir
 from core.feedback import MAX_UPLOAD_BYTES, MAX_UPLOAD_MB, digest_of, feedback_counts, feedback_dir
@@ -11,13 +13,14 @@ from ui.cache import run_bundle
 from ui.predict_view import (
     MODEL_KEY,
     classify,
-    model_label,
     follow_current_run,
+    model_label,
     pick_model,
-    show_one,
-    results_table,
     results_csv,
+    results_table,
+    show_one,
 )
+from ui.runs_view import split_line
 
 st.title("Predict")
 models = [info for info in runs.list_runs(runs_dir()) if (Path(info["path"]) / BUNDLE).is_file()]
@@ -38,7 +41,9 @@ except (BundleError, OSError, ValueError, RuntimeError) as e:
 meta = bundle.meta
 multi = meta.task == "multi_label"
 kind = f"multi-label (a label counts above {meta.threshold:.0%})" if multi else "one label per image"
-st.caption(f"{len(meta.vocab)} classes: {', '.join(meta.vocab)} · {kind} · {meta.arch} at {meta.size} px")
+split = split_line(run_dir, by_id[run_id]["config"])
+st.caption(f"{len(meta.vocab)} classes: {', '.join(meta.vocab)} · {kind} · {meta.arch} at {meta.size} px"
+           + (f" · {split}" if split else ""))
 
 source_col, k_col = st.columns([3, 1])
 source = source_col.radio("Images from", ["Files", "Camera"], key="predict_source", horizontal=True)

@@ -8,7 +8,15 @@ import streamlit as st
 from core import runs
 from core.env import runs_dir
 from core.train import BUNDLE
-from ui.runs_view import TABLE_COLUMNS, compare_figure, config_lines, epoch_history, has_model, runs_table
+from ui.runs_view import (
+    TABLE_COLUMNS,
+    compare_figure,
+    config_lines,
+    epoch_history,
+    has_model,
+    runs_table,
+    split_line,
+)
 from ui.state import current_run, set_run
 
 TABLE_KEY = "runs_table"
@@ -86,7 +94,7 @@ is_current = current is not None and current.name == info["id"]
 st.markdown(f"State **{info['state']}**" + (" · the current run" if is_current else ""))
 if info.get("error"):
     st.error(info["error"])
-for line in config_lines(info["config"]):
+for line in config_lines(info["config"], split_line(run_dir, info["config"])):
     st.markdown(line)
 with st.expander("Full config"):
     st.json(info["config"], expanded=2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from core import job, runs
 from core.data import DataConfig
 from core.demo import DemoSpec, make_demo_dataset
 from core.feedback import digest_of
+from core.fileio import read_json
 from core.model import ModelConfig
 from core.train import TrainConfig
 
@@ -110,6 +112,9 @@ def test_one_image_gives_a_bar_chart_and_wrong_answers_become_feedback(home: Pat
     data = png(image)
     at = open_predict()
     assert at.selectbox(key="predict_model").value == run_dir.name
+    sides = Counter(item["split"] for item in read_json(run_dir / job.DATASET_RECORD)["items"])
+    split = f"random 20% split per class, seed 42: {sides['train']} train · {sides['valid']} valid"
+    assert any(split in c.value for c in at.caption)  # the split the model was trained and validated on
     at.file_uploader(key="predict_files").set_value((image.name, data, "image/png")).run()
     assert not at.exception, at.exception
     assert len(charts(at)) == 1

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import open_app_page
 from streamlit.testing.v1 import AppTest
 
-from conftest import open_app_page
 from core import job, runs
-from core.data import DataConfig
+from core.data import DataConfig, prepare, source_record
 from core.demo import DemoSpec, make_demo_dataset
+from core.fileio import atomic_write_json
 from core.model import ModelConfig
 from core.train import TrainConfig
 
@@ -130,6 +131,22 @@ def test_one_selected_run_can_be_made_current_and_downloaded(home: Path, two_run
     assert not at.exception, at.exception
     assert at.session_state["run_id"] == target
     assert at.button(key="runs_make_current").disabled
+
+
+def test_the_data_line_tells_the_split_the_run_used(home: Path, write_image):
+    """train/ and val/ folders fix the split: the run's 20% and seed 42 were never used and must not be shown."""
+    for side, n in (("train", 6), ("val", 4)):
+        for i in range(n):
+            write_image(home / "bears" / side / "grizzly" / f"{i}.png", (i * 20, 90, 40))
+    settings = config(home / "bears")
+    run_dir = runs.create(settings, root=home / "runs")
+    runs.mark_finished(run_dir, runs.DONE)
+    source, _, split = prepare(DataConfig(**settings["data"]))  # the record a run writes when it reads its data
+    atomic_write_json(run_dir / job.DATASET_RECORD, source_record(source, split))
+    at = select(open_runs(), run_dir.name)
+    (line,) = [m.value for m in at.markdown if m.value.startswith("**Data**")]
+    assert line.endswith("train/ and val/ folders: 6 train · 4 valid (40%)")
+    assert "seed" not in line and "20%" not in line
 
 
 def test_delete_needs_the_run_id_typed_and_removes_the_folder(home: Path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ from core import runs
 from core.data import DataConfig
 from core.demo import DemoSpec, make_demo_dataset
 from core.env import runs_dir
-from core.job import load_lr_find, run_training
+from core.fileio import read_json
+from core.job import DATASET_RECORD, load_lr_find, run_training
 from core.model import ModelConfig, pretrained_cache_path
 from core.train import TrainConfig
 from ui.train_view import MAX_POINTS, RunTail, total_epochs
@@ -190,6 +192,9 @@ def test_a_finished_run_shows_its_curves_table_and_hardest_images(trained, monke
     assert len(at.dataframe) >= 1
     assert list(at.dataframe[0].value["epoch"]) == [0, 1]
     assert "Done" in texts(at, "success")
+    sides = Counter(item["split"] for item in read_json(run_dir / DATASET_RECORD)["items"])
+    split = f"random 20% split per class, seed 42: {sides['train']} train · {sides['valid']} valid"
+    assert split in texts(at, "caption")  # the split the run used, from its dataset record
     assert len(at.get("image")) >= 1  # hardest training images of the last epoch
     assert not any(b.key == "train_stop" for b in at.button)
 

@@ -18,6 +18,9 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from core import runs
+from core.data import DataConfig, describe_split
+from core.fileio import read_json
+from core.job import DATASET_RECORD
 from core.train import BUNDLE
 
 EPOCH_COLUMNS = ("epoch", "train_loss", "valid_loss")
@@ -157,7 +160,7 @@ def compare_figure(histories: dict[str, pd.DataFrame], height: int = 420) -> go.
             continue
         colour = RUN_COLOURS[i % len(RUN_COLOURS)]
         x = history["epoch"] + 1  # epochs are counted from 0 in the events, from 1 for people
-        line = dict(color=colour, width=2)
+        line = {"color": colour, "width": 2}
         fig.add_trace(
             go.Scatter(x=x, y=history["valid_loss"], mode="lines+markers", name=run_id, legendgroup=run_id, line=line,
                        hovertemplate="epoch %{x}: valid loss %{y:.4f}<extra>" + run_id + "</extra>"),
@@ -165,7 +168,7 @@ def compare_figure(histories: dict[str, pd.DataFrame], height: int = 420) -> go.
         )
         fig.add_trace(
             go.Scatter(x=x, y=history["train_loss"], mode="lines", name=f"{run_id} (train)", legendgroup=run_id,
-                       showlegend=False, line=dict(color=colour, width=1.5, dash="dot"),
+                       showlegend=False, line={"color": colour, "width": 1.5, "dash": "dot"},
                        hovertemplate="epoch %{x}: train loss %{y:.4f}<extra>" + run_id + "</extra>"),
             row=1, col=1,
         )
@@ -182,20 +185,37 @@ def compare_figure(histories: dict[str, pd.DataFrame], height: int = 420) -> go.
         fig.update_yaxes(tickformat=".0%", rangemode="tozero", row=1, col=2)
     fig.update_layout(
         height=height,
-        margin=dict(l=10, r=10, t=60, b=10),
-        legend=dict(orientation="h", yanchor="top", y=-0.18, xanchor="left", x=0),
+        margin={"l": 10, "r": 10, "t": 60, "b": 10},
+        legend={"orientation": "h", "yanchor": "top", "y": -0.18, "xanchor": "left", "x": 0},
         hovermode="closest",
     )
     return fig
 
 
-def config_lines(config: dict[str, Any]) -> list[str]:
-    """A few human lines about a run's config: data, model, schedule."""
+@st.cache_data(max_entries=256, show_spinner=False)
+def _split_line(record: str, mtime: float, size: int, data: dict[str, Any]) -> str:
+    return describe_split(read_json(record), DataConfig(**data))
+
+
+def split_line(run_dir: str | Path, config: dict[str, Any]) -> str | None:
+    """The split the run used, in words, from its dataset record; None before the run has read its data."""
+    record = Path(run_dir) / DATASET_RECORD
+    mtime, size = _file_key(record)
+    if not size:
+        return None
+    try:
+        return _split_line(str(record), mtime, size, config.get("data") or {})
+    except (OSError, ValueError, KeyError, TypeError):  # a damaged record, or a config this version cannot read
+        return None
+
+
+def config_lines(config: dict[str, Any], split: str | None) -> list[str]:
+    """A few human lines about a run: data (with the split it used, see `split_line`), model, schedule."""
     data, model = config.get("data") or {}, config.get("model") or {}
     lines = []
     if data.get("path"):
         lines.append(f"**Data** `{data['path']}` · {data.get('size')} px · batch {data.get('batch_size')} · "
-                     f"{round(100 * (data.get('valid_pct') or 0))}% validation · seed {data.get('seed')}")
+                     + (split or "split not known yet: the run has not read its data"))
     if model:
         weights = "ImageNet weights" if model.get("pretrained") else "from scratch"
         if model.get("weights_path"):

@@ -7,11 +7,13 @@ bounded, decimated history, so the server's memory stays flat however long the r
 
 from __future__ import annotations
 
+import json
 import math
+import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +23,35 @@ import streamlit as st
 import torch
 
 from core import runs
-from core.data import DataConfig
-from core.env import runs_dir
+from core.data import (
+    MIN_BATCHES_PER_EPOCH,
+    DataConfig,
+    DataFacts,
+    data_facts,
+    suggested_batch_size,
+    suggested_size,
+)
+from core.env import check_data_path, runs_dir
+from core.feedback import feedback_counts, feedback_dataset
 from core.fileio import read_json
 from core.job import DATASET_RECORD, has_checkpoint, load_lr_find
 from core.lrfind import SUGGESTIONS
-from core.model import ARCHS, HEADS, ModelConfig, pretrained_cache_path
-from core.train import OPTIMIZERS, SCHEDULES, TrainConfig
+from core.images import DataError
+from core.model import (
+    ARCHS,
+    HEADS,
+    ModelConfig,
+    UnsafeWeightsError,
+    install_pretrained,
+    pretrained_available,
+    pretrained_cache_path,
+)
+from core.train import BUNDLE, OPTIMIZERS, SCHEDULES, TrainConfig
 from ui import charts
 from ui.cache import thumb
+from ui.data_view import listing_signature, open_dataset
+from ui.runs_view import split_line
+from ui.state import allowed
 
 MAX_POINTS = 1000  # per-batch points kept per run; older ones are thinned evenly as the run grows
 POLL_SECONDS = 1.0
@@ -225,7 +247,8 @@ def _log_tail(run_dir: Path, n_bytes: int = 6000) -> str:
         return ""
 
 
-def config_summary(config: dict) -> str:
+def config_summary(config: dict, split: str | None = None) -> str:
+    """One line about a run: model, schedule, data, and `split` (see ui.runs_view.split_line) once it is known."""
     model, data = config.get("model", {}), config.get("data", {})
     schedule = config.get("schedule", "?")
     epochs = config.get("epochs")
@@ -233,7 +256,8 @@ def config_summary(config: dict) -> str:
         epochs = f"{config.get('freeze_epochs', 0)}+{epochs}"
     weights = "pretrained" if model.get("pretrained") else "from scratch"
     return (f"{model.get('arch', '?')} ({weights}) · {schedule} · {epochs} epochs · lr {config.get('lr', 0):.1e} · "
-            f"{data.get('size')} px · batch {data.get('batch_size')} · data `{Path(data.get('path', '')).name}`")
+            f"{data.get('size')} px · batch {data.get('batch_size')} · data `{Path(data.get('path', '')).name}`"
+            + (f" · {split}" if split else ""))
 
 
 # ---------------------------------------------------------------- the form
@@ -243,41 +267,129 @@ SCHEDULE_HELP = (
     "everything trained at lower rates. **one_cycle**: everything trained from the start, the rate warming up "
     "then annealing (best from scratch). **plateau**: a fixed rate, cut when the valid loss stops improving."
 )
-_DEFAULT_MODEL, _DEFAULT_TRAIN, _DEFAULT_DATA = ModelConfig(), TrainConfig(), DataConfig()
-FORM_DEFAULTS: dict[str, Any] = {
-    "train_arch": _DEFAULT_MODEL.arch,
-    "train_pretrained": _DEFAULT_MODEL.pretrained,
-    "train_schedule": _DEFAULT_TRAIN.schedule,
-    "train_epochs": _DEFAULT_TRAIN.epochs,
-    "train_lr": f"{_DEFAULT_TRAIN.lr:g}",
-    "train_size": _DEFAULT_DATA.size,
-    "train_bs": _DEFAULT_DATA.batch_size,
-    "train_freeze_epochs": _DEFAULT_TRAIN.freeze_epochs,
-    "train_optimizer": _DEFAULT_TRAIN.optimizer,
-    "train_wd": _DEFAULT_TRAIN.weight_decay,
-    "train_pct_start": _DEFAULT_TRAIN.pct_start,
-    "train_label_smoothing": _DEFAULT_TRAIN.label_smoothing,
-    "train_dropout": _DEFAULT_MODEL.dropout,
-    "train_head": _DEFAULT_MODEL.head,
-    "train_early_stopping": _DEFAULT_TRAIN.early_stopping,
-    "train_workers": "auto",
-    "train_keep_best": _DEFAULT_TRAIN.keep_best,
-    "train_mixed_precision": _DEFAULT_TRAIN.mixed_precision,
-}
 WORKER_CHOICES = ("auto", 0, 1, 2, 4, 8)
+FEEDBACK_KEY = "train_feedback"
+CONTINUE_KEY = "train_continue"
+WEIGHTS_UPLOAD_KEY = "train_weights_upload"
+WEIGHTS_PATH_KEY = "train_weights_path"
+WEIGHTS_NOTE_KEY = "train_weights_note"  # (kind, message) of the last weights file given, shown once
+SEEDED_KEY = "train_form_seeded"  # set once this session's form has its starting values
+WEIGHTS_SUFFIXES = ("pth", "pt", "safetensors")
 
 
-def config_form() -> dict[str, Any]:
-    """The training form; returns the widget values by key. Values live in widget state kept for the
-    session (persist_state), so a page switch or a suggestion button never loses them."""
+def form_values(cfg: TrainConfig) -> dict[str, Any]:
+    """The form's widget values (by key) that give back `cfg`; the inverse of `build_config`."""
+    data, model = cfg.data, cfg.model
+    feedback = feedback_dataset()
+    return {
+        "train_arch": model.arch,
+        "train_pretrained": model.pretrained,
+        "train_schedule": cfg.schedule,
+        "train_epochs": cfg.epochs,
+        "train_lr": f"{cfg.lr:g}",
+        "train_size": data.size,
+        "train_bs": data.batch_size,
+        "train_freeze_epochs": cfg.freeze_epochs,
+        "train_optimizer": cfg.optimizer,
+        "train_wd": float(cfg.weight_decay),
+        "train_pct_start": float(cfg.pct_start),
+        "train_label_smoothing": float(cfg.label_smoothing),
+        "train_dropout": float(model.dropout),
+        "train_head": model.head,
+        "train_early_stopping": cfg.early_stopping,
+        "train_workers": data.num_workers if data.num_workers in WORKER_CHOICES[1:] else "auto",
+        "train_keep_best": cfg.keep_best,
+        "train_mixed_precision": cfg.mixed_precision,
+        FEEDBACK_KEY: feedback is not None and str(feedback) in data.extra_train,
+        CONTINUE_KEY: False,  # continuing is asked afresh for each run: it names the run to start from
+    }
+
+
+FORM_DEFAULTS: dict[str, Any] = form_values(TrainConfig())
+
+
+def run_form_values(run_dir: Path | None) -> dict[str, Any] | None:
+    """The form values of the run at `run_dir` (training run or sweep), None when it has no readable config."""
+    if run_dir is None:
+        return None
+    try:
+        return form_values(TrainConfig.from_dict(read_config(run_dir)))
+    except (TypeError, ValueError):  # an empty, older or hand-edited config: the defaults serve instead
+        return None
+
+
+def default_values(facts: DataFacts | None) -> dict[str, Any]:
+    """Defaults fitted to this machine and dataset: pretrained + fine_tune only where the ImageNet weights are on
+    this machine (else from scratch + one_cycle, which needs no download), image and batch size from the data."""
+    values = dict(FORM_DEFAULTS)
+    values["train_pretrained"] = pretrained_available(values["train_arch"])
+    values["train_schedule"] = "fine_tune" if values["train_pretrained"] else "one_cycle"
+    if facts is not None:
+        values["train_size"] = suggested_size(facts.typical_side)
+        values["train_bs"] = suggested_batch_size(facts.n_train)
+    return values
+
+
+def seed_form(selected: Path | None, facts: DataFacts | None) -> None:
+    """Once per browser session, before the widgets exist: start the form from the selected run's settings
+    (a reload must not change what **Train** starts), else from the defaults that fit this machine and data."""
+    if st.session_state.get(SEEDED_KEY):
+        return
+    st.session_state[SEEDED_KEY] = True
+    for key, value in (run_form_values(selected) or default_values(facts)).items():
+        st.session_state.setdefault(key, value)
+
+
+def _match_schedule_to_weights() -> None:
+    """fine_tune's frozen first phase only makes sense on pretrained weights: unticking Pretrained moves it to
+    one_cycle, ticking it moves one_cycle back to fine_tune (plateau, a deliberate choice, stays)."""
+    pretrained, schedule = st.session_state["train_pretrained"], st.session_state["train_schedule"]
+    if not pretrained and schedule == "fine_tune":
+        st.session_state["train_schedule"] = "one_cycle"
+    elif pretrained and schedule == "one_cycle":
+        st.session_state["train_schedule"] = "fine_tune"
+
+
+def _arch_changed() -> None:
+    st.session_state["train_pretrained"] = pretrained_available(st.session_state["train_arch"])
+    _match_schedule_to_weights()
+
+
+def continue_source(selected: Path | None) -> Path | None:
+    """`selected` when a new run can start from its model: a training run that ended with its model exported."""
+    if selected is None or is_lr_find(selected):
+        return None
+    state = safe_status(selected).get("state")
+    return selected if state in (runs.DONE, runs.STOPPED) and (selected / BUNDLE).is_file() else None
+
+
+def _follow_source_model(source: Path) -> None:
+    """Continuing from a run keeps its architecture and head (its weights only fit those)."""
+    model = read_config(source).get("model", {})
+    for key, field in (("train_arch", "arch"), ("train_head", "head"), ("train_dropout", "dropout")):
+        if model.get(field) is not None:
+            st.session_state[key] = model[field]
+
+
+def config_form(selected: Path | None = None, facts: DataFacts | None = None) -> dict[str, Any]:
+    """The training form; returns the widget values by key, plus `init_from` and `extra_train`. Values live in
+    widget state kept for the session (persist_state), so a page switch or a suggestion button never loses them."""
+    seed_form(selected, facts)
     for key, default in FORM_DEFAULTS.items():
         st.session_state.setdefault(key, default)
+    source = continue_source(selected)
+    continuing = source is not None and bool(st.session_state[CONTINUE_KEY])
+    if continuing:
+        _follow_source_model(source)
     keep = dict(persist_state="session")
     c1, c2 = st.columns([3, 2], vertical_alignment="bottom")
-    c1.selectbox("Architecture", list(ARCHS), key="train_arch", help="torchvision backbone; resnet18/34 train fast.",
-                 **keep)
-    c2.checkbox("Pretrained", key="train_pretrained",
-                help="Start from ImageNet weights: far better with little data. Untick to train from scratch.", **keep)
+    c1.selectbox("Architecture", list(ARCHS), key="train_arch", on_change=_arch_changed, disabled=continuing,
+                 help="torchvision backbone; resnet18/34 train fast.", **keep)
+    c2.checkbox("Pretrained", key="train_pretrained", on_change=_match_schedule_to_weights, disabled=continuing,
+                help="Start from ImageNet weights: far better with little data. Untick to train from scratch "
+                     "(the schedule switches to one_cycle).", **keep)
+    _weights_line(st.session_state["train_arch"], source if continuing else None)
+    _weights_file(st.session_state["train_arch"])
     c1, c2 = st.columns([3, 2])
     c1.selectbox("Schedule", SCHEDULES, key="train_schedule", help=SCHEDULE_HELP, **keep)
     c2.number_input("Epochs", min_value=1, max_value=1000, step=1, key="train_epochs",
@@ -287,6 +399,22 @@ def config_form() -> dict[str, Any]:
                   "The LR finder suggests one.", **keep)
     c2.number_input("Image size (px)", min_value=16, max_value=1024, step=32, key="train_size", **keep)
     c3.number_input("Batch size", min_value=1, max_value=1024, step=8, key="train_bs", **keep)
+    extra_train = _feedback_option(facts)
+    if source is not None:
+        st.checkbox("Continue from the selected run's model", key=CONTINUE_KEY,
+                    help="Start from this run's trained weights instead of ImageNet's or random ones, to train on "
+                         "at a new image size (progressive resizing: 128 px first, then 224 px from that model) or "
+                         "with more data. With the same classes the whole model carries over, else its body.",
+                    **keep)
+        if continuing:
+            st.caption(f"Starts from the model of run `{source.name}` ({st.session_state['train_arch']}, "
+                       "its architecture and head).")
+    _more_options(keep)
+    values = {key: st.session_state[key] for key in FORM_DEFAULTS}
+    return values | {"init_from": str(source) if continuing else None, "extra_train": extra_train}
+
+
+def _more_options(keep: dict[str, str]) -> None:
     with st.expander("More options"):
         c1, c2 = st.columns(2)
         c1.selectbox("Optimizer", OPTIMIZERS, key="train_optimizer", **keep)
@@ -309,7 +437,105 @@ def config_form() -> dict[str, Any]:
             c1.number_input("GPUs", min_value=1, max_value=gpu_count(), step=1, key=GPUS_KEY,
                             help="Train on several GPUs of this machine with DDP (torchrun). The batch size is per "
                                  "GPU; the learning rate is not scaled for you.", **keep)
-    return {key: st.session_state[key] for key in FORM_DEFAULTS}
+
+
+def _weights_line(arch: str, source: Path | None) -> None:
+    """One line on where the starting weights come from, so the defaults explain themselves."""
+    if source is not None:
+        st.caption(f":material/history: The weights come from run `{source.name}`.")
+    elif pretrained_available(arch):
+        st.caption(f":material/check_circle: The ImageNet weights for {arch} are on this machine, so the defaults "
+                   "fine-tune them: *Pretrained* with *fine_tune*.")
+    else:
+        st.caption(f":material/cloud_off: The ImageNet weights for {arch} are not on this machine, so the defaults "
+                   "train from scratch: *Pretrained* unticked, *one_cycle*. To fine-tune offline, give a weights file "
+                   "below.")
+
+
+def _weights_file(arch: str) -> None:
+    """Upload, or point at, a weights file; it is checked and put where every pretrained run looks."""
+    target = pretrained_cache_path(arch)
+    with st.expander(f"Weights file for {arch}", icon=":material/upload_file:"):
+        st.caption(f"torchvision's ImageNet weights for {arch} as .pth or .safetensors (e.g. `{target.name}` "
+                   f"downloaded on another machine). Loupe checks that the file holds only tensors that fit {arch}, "
+                   f"then keeps a copy at `{target}`, where every run looks for it.")
+        st.file_uploader("Upload the weights file", type=list(WEIGHTS_SUFFIXES), key=WEIGHTS_UPLOAD_KEY,
+                         on_change=_weights_uploaded)
+        c1, c2 = st.columns([4, 1], vertical_alignment="bottom")
+        c1.text_input("…or its path on this machine", key=WEIGHTS_PATH_KEY, placeholder=f"~/Downloads/{target.name}")
+        c2.button("Use it", key="train_weights_use", on_click=_weights_path_given, width="stretch")
+    note = st.session_state.pop(WEIGHTS_NOTE_KEY, None)
+    if note:
+        kind, message = note
+        (st.success if kind == "success" else st.error)(message, icon=":material/upload_file:")
+
+
+def _weights_uploaded() -> None:
+    upload = st.session_state.get(WEIGHTS_UPLOAD_KEY)
+    if upload is None:
+        return
+    suffix = Path(upload.name).suffix.lower()  # says how to read the file; the rest of the name is not used
+    with tempfile.TemporaryDirectory(prefix="loupe-weights-") as tmp:
+        path = Path(tmp) / f"weights{suffix}"
+        path.write_bytes(upload.getbuffer())
+        _install_weights(path, upload.name)
+
+
+def _weights_path_given() -> None:
+    text = str(st.session_state.get(WEIGHTS_PATH_KEY) or "").strip()
+    if not text:
+        st.session_state[WEIGHTS_NOTE_KEY] = ("error", "Type the path of the weights file first.")
+        return
+    try:
+        check_data_path(text)  # a server with LOUPE_DATA_ROOTS reads nothing outside them, weights included
+    except ValueError as exc:
+        st.session_state[WEIGHTS_NOTE_KEY] = ("error", f"{exc}")
+        return
+    _install_weights(Path(text).expanduser(), text)
+
+
+def _install_weights(path: Path, shown: str) -> None:
+    """Install the weights file at `path` (named `shown` to the user) for the form's architecture; the outcome
+    becomes the note shown under the control, and success ticks Pretrained (with fine_tune)."""
+    arch = st.session_state["train_arch"]
+    try:
+        target = install_pretrained(arch, path)
+    except FileNotFoundError:
+        note = ("error", f"There is no file at `{shown}`.")
+    except UnsafeWeightsError:
+        note = ("error", f"`{shown}` holds more than weights (Python objects that could run code when loaded), so "
+                         "Loupe refused it. Use torchvision's own weights file, or save just the model's state_dict "
+                         "(or a .safetensors file).")
+    except FileExistsError as exc:
+        note = ("error", f"{exc}")
+    except (OSError, ValueError) as exc:  # unreadable, not a state dict, or weights of another architecture
+        note = ("error", f"`{shown}` cannot be used as the {arch} weights: {str(exc).replace(str(path), shown)}")
+    else:
+        st.session_state["train_pretrained"] = True
+        _match_schedule_to_weights()
+        note = ("success", f"The {arch} weights are in place (`{target}`): *Pretrained* is ticked, with *fine_tune*.")
+    st.session_state[WEIGHTS_NOTE_KEY] = note
+
+
+def _feedback_option(facts: DataFacts | None) -> list[str]:
+    """Predict's feedback images as extra training data, with their counts; returns the folders to add."""
+    counts = feedback_counts()
+    help_text = ("Images marked as wrongly predicted on **Predict** are kept with their right label. They join the "
+                 "training side only, so the validation images stay those of earlier runs.")
+    if not counts:
+        st.checkbox("Add Predict's feedback images", key=FEEDBACK_KEY, disabled=True,
+                    help=help_text + " None yet.")
+        return []
+    added = st.checkbox("Add Predict's feedback images", key=FEEDBACK_KEY, help=help_text,
+                        persist_state="session")
+    listed = ", ".join(f"{label} {n}" for label, n in counts.items())
+    st.caption(f"{sum(counts.values())} feedback images: {listed}.")
+    unknown = sorted(set(counts) - set(facts.vocab)) if facts else []
+    if added and unknown:
+        st.caption(f":orange[Not classes of this dataset: {', '.join(unknown)}. The model learns them from the "
+                   "feedback images alone, and no validation image measures them.]")
+    folder = feedback_dataset()
+    return [str(folder)] if added and folder is not None else []
 
 
 @st.cache_resource
@@ -339,13 +565,68 @@ def data_options_line(data_options: dict) -> str:
     return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in changed.items())
 
 
+SPLIT_OPTIONS = ("valid_pct", "seed", "stratify", "group_regex", "group_col")
+
+
+def _data_config(dataset: str, data_options: dict) -> DataConfig:
+    """The dataset as the Data page's label and split options read it (the form owns size, batch and workers)."""
+    known = {f.name for f in fields(DataConfig)} - _FORM_OWNED
+    return DataConfig(path=dataset, **{k: v for k, v in (data_options or {}).items() if k in known})
+
+
+@st.cache_data(max_entries=16, show_spinner="Counting the images…")
+def _facts(config_json: str, signature: tuple[int, int]) -> DataFacts | None:
+    try:
+        return data_facts(DataConfig(**json.loads(config_json)))
+    except (DataError, OSError, ValueError):  # the Data page says what is wrong with the folder
+        return None
+
+
+def dataset_facts(dataset: str, data_options: dict) -> DataFacts | None:
+    """core.data.data_facts for the open dataset, once per folder state and options; None when it cannot be read."""
+    try:
+        cfg = _data_config(dataset, data_options)
+    except ValueError:
+        return None
+    return _facts(json.dumps(asdict(cfg), sort_keys=True), listing_signature(dataset))
+
+
+def dataset_caption(dataset: str, data_options: dict, facts: DataFacts | None) -> str:
+    """Which dataset, read how, split how: the split this dataset really gets, fixed by it or made by Loupe."""
+    options = dict(data_options or {})
+    labels = data_options_line({k: v for k, v in options.items() if k not in SPLIT_OPTIONS})
+    if facts is not None and facts.split_fixed:
+        split = f"the split is the dataset's own: {facts.split_fixed}"
+    else:
+        defaults = DataConfig()
+        split = (f"{options.get('valid_pct', defaults.valid_pct):.0%} held out for validation · "
+                 f"split seed {options.get('seed', defaults.seed)}")
+        if not options.get("stratify", defaults.stratify):
+            split += " · not stratified"
+        if options.get("group_regex"):
+            split += f" · groups `{options['group_regex']}`"
+    return " · ".join(part for part in (f"Dataset `{Path(dataset).name}`", labels, split) if part)
+
+
+def dataset_needed(selected: Path | None) -> None:
+    """No dataset is open: the form needs one. Offers the selected run's own dataset when it may be opened."""
+    st.info("Open or create a dataset to train a new model: training needs images to learn from.",
+            icon=":material/photo_library:")
+    folder = read_config(selected).get("data", {}).get("path") if selected is not None else None
+    with st.container(horizontal=True):
+        st.page_link("app_pages/data.py", label="Go to Data", icon=":material/photo_library:")
+        if folder and Path(folder).is_dir() and allowed(folder):
+            if st.button(f"Open `{Path(folder).name}`, the dataset of run `{selected.name}`",
+                         key="train_open_run_dataset", icon=":material/folder_open:"):
+                open_dataset(folder)
+
+
 def build_config(dataset: str, data_options: dict, values: dict[str, Any]) -> TrainConfig:
     """The TrainConfig for the form's values on `dataset`; raises ValueError with a message for the user."""
-    known = {f.name for f in fields(DataConfig)} - _FORM_OWNED
-    options = {k: v for k, v in (data_options or {}).items() if k in known}
     workers = values["train_workers"]
-    data = DataConfig(path=dataset, **options, size=int(values["train_size"]), batch_size=int(values["train_bs"]),
-                      num_workers=None if workers == "auto" else int(workers))
+    data = replace(_data_config(dataset, data_options), size=int(values["train_size"]),
+                   batch_size=int(values["train_bs"]), num_workers=None if workers == "auto" else int(workers),
+                   extra_train=list(values.get("extra_train") or []))
     model = ModelConfig(arch=values["train_arch"], pretrained=bool(values["train_pretrained"]),
                         head=values["train_head"], dropout=float(values["train_dropout"]))
     return TrainConfig(
@@ -362,24 +643,46 @@ def build_config(dataset: str, data_options: dict, values: dict[str, Any]) -> Tr
         early_stopping=int(values["train_early_stopping"]),
         keep_best=bool(values["train_keep_best"]),
         mixed_precision=bool(values["train_mixed_precision"]),
+        init_from=values.get("init_from"),
     )
 
 
-def config_hints(cfg: TrainConfig) -> None:
-    """Warnings worth reading before launching: missing offline weights, a recipe that does not fit."""
+def config_hints(cfg: TrainConfig, facts: DataFacts | None = None) -> None:
+    """Warnings worth reading before launching: missing offline weights, a recipe or sizes that do not fit."""
+    if not cfg.init_from:  # continuing from a run starts from its weights: nothing to download, nothing from scratch
+        _weights_hint(cfg)
+    if facts is not None:
+        _size_hints(cfg.data, facts)
+
+
+def _weights_hint(cfg: TrainConfig) -> None:
     model = cfg.model
     if model.pretrained and not model.weights_path:
-        path = pretrained_cache_path(model.arch)
-        if not path.exists():
+        if not pretrained_available(model.arch):
             st.warning(
                 f"The pretrained {model.arch} weights are not on this machine: the run downloads them, and "
-                f"**fails if this machine is offline**. To work offline, place the file at `{path}`, "
+                f"**fails if this machine is offline**. To work offline, give a weights file above, "
                 "or untick *Pretrained* to train from scratch.",
                 icon=":material/cloud_off:",
             )
     elif not model.pretrained and cfg.schedule == "fine_tune":
         st.info("Training from scratch: *one_cycle* fits better than *fine_tune*, whose frozen first phase "
                 "only makes sense with pretrained weights.", icon=":material/lightbulb:")
+
+
+def _size_hints(data: DataConfig, facts: DataFacts) -> None:
+    """Image and batch sizes that waste compute or leave an epoch too few steps, with the sizes that fit."""
+    size = suggested_size(facts.typical_side)
+    if facts.typical_side and data.size > max(size, facts.typical_side * 1.5):
+        st.info(f"The images are about {facts.typical_side} px: training at {data.size} px upscales them, which adds "
+                f"no detail and costs {(data.size / facts.typical_side) ** 2:.0f}× the compute. {size} px fits them.",
+                icon=":material/photo_size_select_large:")
+    steps = -(-facts.n_train // data.batch_size)
+    fit = suggested_batch_size(facts.n_train)
+    if steps < MIN_BATCHES_PER_EPOCH // 2 and fit < data.batch_size:
+        st.info(f"{facts.n_train} training images at batch size {data.batch_size} make {steps} step(s) an epoch, too "
+                f"few for the schedule to warm up and settle. Batch size {fit} gives "
+                f"{-(-facts.n_train // fit)}.", icon=":material/stacks:")
 
 
 # ---------------------------------------------------------------- launching
@@ -560,7 +863,7 @@ def _header(run_dir: Path, state: str, config: dict, live: bool) -> None:
     label, colour, icon = STATE_BADGES.get(state, (state, "gray", ":material/help:"))
     title.markdown(f"#### Run `{run_dir.name}` :{colour}-badge[{icon} {label}]")
     if config:
-        title.caption(config_summary(config))
+        title.caption(config_summary(config, split_line(run_dir, config)))
     if state in runs.ACTIVE_STATES:
         stopping = runs.stop_requested(run_dir)
         if buttons.button("Stop", key="train_stop", icon=":material/stop:", width="stretch", disabled=stopping,
@@ -605,10 +908,19 @@ def _outcome(run_dir: Path, status: dict, view: RunView) -> None:
         st.warning(f"Stopped{where}. {note or 'The model as it was is exported.'}{resume}",
                    icon=":material/stop_circle:")
     elif state in (runs.FAILED, runs.UNREADABLE):
-        st.error(status.get("error") or "The run failed; see its log below.", icon=":material/error:")
+        st.error(in_page_words(status.get("error")) or "The run failed; see its log below.", icon=":material/error:")
         _error_details(run_dir, view)
     elif state == runs.CREATED:
         st.info("This run was created but never started.", icon=":material/radio_button_unchecked:")
+
+
+def in_page_words(error: str | None) -> str | None:
+    """A run's error as this page says it: the offline-weights failure names the form's own controls."""
+    if error and error.startswith("WeightsUnavailableError"):
+        return ("The run could not download the pretrained ImageNet weights: this machine seems to be offline. "
+                "Give the weights file under **Weights file** in the form, or untick **Pretrained** (the schedule "
+                "switches to one_cycle), and press **Train** again.")
+    return error
 
 
 def _progress(view: RunView) -> None:
