@@ -33,6 +33,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     return path
 
 
+def create_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Like `atomic_write`, but for a file that must not exist yet: FileExistsError when `path` exists, even
+    when another process creates it meanwhile (the finished temp file is hard-linked, which never replaces)."""
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} already exists.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 

@@ -23,10 +23,9 @@ from torch import nn
 from torchvision.models import get_model, get_model_weights
 
 from core.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, presize, presize_side, resize_batch
-from core.images import to_rgb
 from core.env import resolve_device
-from core.fileio import atomic_write
-
+from core.fileio import atomic_write, create_file
+from core.images import to_rgb
 
 HEADS = ("fastai", "linear")
 TASKS = ("single_label", "multi_label")
@@ -101,7 +100,8 @@ class ModelConfig:
         if self.arch not in ARCHS:
             raise ValueError(f"Unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}.")
         if not isinstance(self.pretrained, bool):
-            raise ValueError(f"pretrained must be True or False, got {self.pretrained!r}.")
+            # ValueError like every other bad value here: callers catch one error type for a bad config.
+            raise ValueError(f"pretrained must be True or False, got {self.pretrained!r}.")  # noqa: TRY004
         if self.weights_path is not None and not str(self.weights_path).strip():
             raise ValueError("weights_path is empty; give a file path or leave it as None.")
         if self.head not in HEADS:
@@ -198,6 +198,49 @@ def pretrained_cache_path(arch: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
 
 
+def pretrained_available(arch: str) -> bool:
+    """Whether `arch`'s ImageNet weights are on this machine already, so a pretrained run needs no download."""
+    return pretrained_cache_path(arch).is_file()
+
+
+def check_weights_fit(arch: str, state: Mapping[str, torch.Tensor]) -> None:
+    """ValueError, saying why, unless `state` holds every tensor of `arch`'s body in the right shapes."""
+    spec = ARCHS[arch]
+    with torch.device("meta"):  # shapes only: no memory for, and no time spent on, a random init
+        full = get_model(arch, weights=None)
+    _load_body_weights(full, spec, state, arch, assign=True)
+
+
+def install_pretrained(arch: str, source: str | Path) -> Path:
+    """Check the weights file `source` and put it where a pretrained `arch` run looks for its ImageNet weights
+    (the torch hub cache, under torchvision's file name); returns that path.
+
+    The file is read tensors-only (`load_weights_file`) and must fit `arch`'s body. It is stored as the plain
+    state dict torchvision's loader reads, whatever it came as (.pth, a wrapped checkpoint, .safetensors).
+    A file already in that place is never replaced: the same weights are accepted as they are, different
+    ones raise FileExistsError.
+    """
+    state = load_weights_file(source)
+    check_weights_fit(arch, state)
+    target = pretrained_cache_path(arch)
+    if target.exists():
+        if _same_weights(target, state):
+            return target
+        raise FileExistsError(
+            f"There are already other {arch} weights at {target}, and Loupe uses those. To use this file "
+            "instead, move that one elsewhere first."
+        )
+    return create_file(target, lambda tmp: torch.save(state, tmp))
+
+
+def _same_weights(path: Path, state: Mapping[str, torch.Tensor]) -> bool:
+    try:
+        existing = load_weights_file(path)
+    except (OSError, ValueError):
+        return False
+    return existing.keys() == state.keys() and all(torch.equal(existing[k], state[k]) for k in state)
+
+
 def download_pretrained(arch: str) -> Mapping[str, torch.Tensor]:
     """torchvision's DEFAULT ImageNet state dict for `arch`, from the hub cache or downloaded into it."""
     weights = get_model_weights(arch).DEFAULT
@@ -206,11 +249,12 @@ def download_pretrained(arch: str) -> Mapping[str, torch.Tensor]:
         # whatever sits in the cache; ask for tensors only.
         return weights.get_state_dict(progress=False, weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:  # URLError is an OSError
+        # Read by the command line and by the Train page alike, so in words, not in either one's option names.
         raise WeightsUnavailableError(
             f"Could not get the pretrained ImageNet weights for {arch} from {weights.url} ({err}). "
             f"If this machine is offline, download that file elsewhere and place it at "
-            f"{pretrained_cache_path(arch)}, or pass weights_path= with a local weights file, "
-            f"or use pretrained=False to train from scratch."
+            f"{pretrained_cache_path(arch)}, give a local weights file instead, or train from scratch "
+            f"(without pretrained weights, best with the one_cycle schedule)."
         ) from err
 
 
@@ -255,8 +299,11 @@ def _as_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def _load_body_weights(full: nn.Module, spec: ArchSpec, state: Mapping[str, torch.Tensor], arch: str) -> None:
-    """Load the body's tensors strictly into the full torchvision model; the old classifier is ignored."""
+def _load_body_weights(
+    full: nn.Module, spec: ArchSpec, state: Mapping[str, torch.Tensor], arch: str, assign: bool = False
+) -> None:
+    """Load the body's tensors strictly into the full torchvision model; the old classifier is ignored.
+    `assign` puts the given tensors in place of the model's (needed for a model on the meta device)."""
     names = set(_body_names(full, spec))
     body_state = {k: v for k, v in state.items() if k.split(".", 1)[0] in names}
     if not body_state:
@@ -265,7 +312,7 @@ def _load_body_weights(full: nn.Module, spec: ArchSpec, state: Mapping[str, torc
             f"The weights have none of {arch}'s body keys (e.g. {example!r}); are they a torchvision {arch} state dict?"
         )
     try:
-        missing, unexpected = full.load_state_dict(body_state, strict=False)
+        missing, unexpected = full.load_state_dict(body_state, strict=False, assign=assign)
     except RuntimeError as err:  # shape mismatches: the weights belong to another architecture
         raise ValueError(f"The weights do not fit {arch}: {err}") from err
     missing = [k for k in missing if k.split(".", 1)[0] in names]

@@ -25,7 +25,17 @@ from core.augment import BatchAugment, normalize, resize_batch
 from core.data import DataConfig, DataLoaders, make_dataloaders, path_text
 from core.env import resolve_device, seed_everything
 from core.fileio import atomic_write
-from core.model import BundleMeta, ModelConfig, build_model, freeze, load_bundle, lrs_for_groups, param_groups, save_bundle, unfreeze
+from core.model import (
+    BundleMeta,
+    ModelConfig,
+    build_model,
+    freeze,
+    load_bundle,
+    lrs_for_groups,
+    param_groups,
+    save_bundle,
+    unfreeze,
+)
 
 SCHEDULES = ("fine_tune", "one_cycle", "plateau")
 OPTIMIZERS = ("adamw", "sgd")
@@ -193,7 +203,9 @@ class Learner:
         self.device = distributed.setup(resolve_device(cfg.device))  # joins the group under torchrun, else a no-op
         seed_everything(cfg.data.seed)
         self.dls = dls or make_dataloaders(cfg.data, self.device, self.dist.rank, self.dist.world_size)
-        self.model = model or build_model(cfg.model, len(self.dls.vocab))
+        # Warm-started, the body comes from the run (init_from), so ImageNet weights would be fetched for nothing.
+        start = replace(cfg.model, pretrained=False, weights_path=None) if cfg.init_from else cfg.model
+        self.model = model or build_model(start, len(self.dls.vocab))
         if cfg.init_from and model is None:
             warm_start(self.model, cfg.init_from, self.dls.vocab)
         self.model.to(self.device)
@@ -292,7 +304,7 @@ class Learner:
                 torch.set_rng_state(resume["rng"])
         for e in range(first_epoch, phase.epochs):
             epoch = epoch_offset + e
-            ctx = dict(phase=index, epoch=epoch, opt=opt, sched=sched, scaler=scaler)
+            ctx = {"phase": index, "epoch": epoch, "opt": opt, "sched": sched, "scaler": scaler}
             started = time.perf_counter()
             train_loss = self._train_epoch(ctx, skip, resume if skip else None)
             skip = 0
@@ -331,7 +343,7 @@ class Learner:
             if (self.group_stop if self.dist.enabled else self.should_stop()):
                 distributed.broadcast_buffers(self.model)
                 ids_all, losses_all = self._gather_items(item_ids, item_losses)
-                partial = dict(loss_sum=total, loss_count=count, item_ids=ids_all, item_losses=losses_all)
+                partial = {"loss_sum": total, "loss_count": count, "item_ids": ids_all, "item_losses": losses_all}
                 self.save_checkpoint(ctx, batch=batch_index + 1, partial=partial)
                 raise StopRequested(f"Stopped at epoch {ctx['epoch']}, batch {batch_index + 1}.")
         self._report_skipped(ctx["epoch"], seen)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from core.model import (
     WeightsUnavailableError,
     build_model,
     freeze,
+    install_pretrained,
     is_frozen,
     load_bundle,
     lrs_for_groups,
@@ -31,6 +33,7 @@ from core.model import (
     predict,
     predict_probs,
     preprocess,
+    pretrained_available,
     pretrained_cache_path,
     save_bundle,
     unfreeze,
@@ -147,7 +150,7 @@ def test_lrs_for_groups_tuple_spreads_geometrically():
     assert lrs[0] == pytest.approx(1e-5) and lrs[-1] == pytest.approx(1e-3)
     assert lrs[1] / lrs[0] == pytest.approx(lrs[2] / lrs[1]) == pytest.approx(10.0)
     five = lrs_for_groups((1e-6, 1e-2), 5)
-    assert all(math.isclose(b / a, 10.0) for a, b in zip(five, five[1:]))
+    assert all(math.isclose(b / a, 10.0) for a, b in itertools.pairwise(five))
 
 
 def test_lrs_for_groups_single_lr_is_fastai_slice():
@@ -219,7 +222,62 @@ def test_offline_pretrained_raises_with_file_path(hub_dir, monkeypatch):
     expected = hub_dir / "checkpoints" / os.path.basename(get_model_weights("resnet18").DEFAULT.url)
     assert str(expected) in message
     assert get_model_weights("resnet18").DEFAULT.url in message
-    assert "weights_path" in message and "pretrained=False" in message
+    # Read on the Train page and on the command line alike: no option name of either, no code names.
+    assert "weights file" in message and "from scratch" in message
+    assert "weights_path" not in message and "pretrained=False" not in message
+
+
+def test_pretrained_available_follows_the_hub_cache(hub_dir):
+    assert not pretrained_available("resnet18")
+    pretrained_cache_path("resnet18").parent.mkdir(parents=True)
+    torch.save(get_model("resnet18", weights=None).state_dict(), pretrained_cache_path("resnet18"))
+    assert pretrained_available("resnet18") and not pretrained_available("resnet34")
+
+
+@pytest.mark.parametrize("form", ["wrapped.pth", "plain.safetensors"])
+def test_a_given_weights_file_is_checked_and_placed_where_pretrained_runs_find_it(hub_dir, tmp_path, form):
+    torch.manual_seed(5)
+    reference = get_model("resnet18", weights=None).state_dict()
+    given = tmp_path / form
+    if given.suffix == ".safetensors":
+        safetensors.torch.save_file({k: v.contiguous() for k, v in reference.items()}, str(given))
+    else:
+        torch.save({"state_dict": reference}, given)  # a training checkpoint's wrapper, unwrapped on the way
+    target = install_pretrained("resnet18", given)
+    assert target == pretrained_cache_path("resnet18") and pretrained_available("resnet18")
+    assert set(torch.load(target, weights_only=True)) == set(reference)  # the plain state dict torchvision reads
+    torch.manual_seed(6)
+    _expected_body("resnet18", reference, build_model(ModelConfig(arch="resnet18", pretrained=True), N_OUT))
+    assert install_pretrained("resnet18", given) == target  # the same weights again: accepted, nothing changes
+
+
+def test_a_weights_file_never_replaces_other_weights_already_in_place(hub_dir, tmp_path):
+    first, second = tmp_path / "first.pth", tmp_path / "second.pth"
+    torch.save(get_model("resnet18", weights=None).state_dict(), first)
+    torch.save(get_model("resnet18", weights=None).state_dict(), second)  # another random init
+    target = install_pretrained("resnet18", first)
+    before = target.read_bytes()
+    with pytest.raises(FileExistsError, match="already other resnet18 weights"):
+        install_pretrained("resnet18", second)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # no temp file left behind
+
+
+def test_weights_files_that_do_not_fit_are_refused_before_anything_is_placed(hub_dir, tmp_path):
+    other = tmp_path / "r18.pth"
+    torch.save(get_model("resnet18", weights=None).state_dict(), other)
+    with pytest.raises(ValueError, match="resnet34"):
+        install_pretrained("resnet34", other)
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    torch.save({"state_dict": _Exploit(marker)}, evil)
+    with pytest.raises(UnsafeWeightsError):
+        install_pretrained("resnet18", evil)
+    not_weights = tmp_path / "notes.safetensors"
+    not_weights.write_text("not a tensor file")
+    with pytest.raises(ValueError, match="safetensors"):
+        install_pretrained("resnet18", not_weights)
+    assert not marker.exists() and not pretrained_available("resnet18") and not pretrained_available("resnet34")
 
 
 class _Exploit:

@@ -30,10 +30,10 @@ from core.train import (
 
 def tiny_config(path: Path, **overrides) -> TrainConfig:
     """resnet18 from scratch at 32 px: a few seconds per epoch on two cores."""
-    data_options = dict(size=32, batch_size=16, num_workers=0, max_rotate=0, min_scale=0.75) | overrides.pop("data", {})
+    data_options = {"size": 32, "batch_size": 16, "num_workers": 0, "max_rotate": 0, "min_scale": 0.75} | overrides.pop("data", {})
     data = DataConfig(path=str(path), **data_options)
     model = ModelConfig(arch="resnet18", pretrained=False)
-    defaults = dict(schedule="one_cycle", epochs=2, lr=5e-3)
+    defaults = {"schedule": "one_cycle", "epochs": 2, "lr": 5e-3}
     return TrainConfig(data=data, model=model, **{**defaults, **overrides})
 
 
@@ -118,6 +118,7 @@ def test_a_run_writes_every_file_and_event(finished_run):
         assert kind in kinds, kind
     epochs = runs.load_events(finished_run, "epoch")
     assert [e["epoch"] for e in epochs] == list(range(6))
+    assert runs.exported_epoch(runs.load_events(finished_run)) == (5, "last")  # the model after the last epoch
     assert set(epochs[0]) >= {"train_loss", "valid_loss", "error_rate", "accuracy", "seconds"}
     batch = runs.load_events(finished_run, "batch")[0]
     assert set(batch) >= {"step", "loss", "smooth_loss", "lr", "mom", "batch", "n_batches"}
@@ -238,6 +239,19 @@ def test_progressive_resizing_starts_from_the_previous_run(finished_run, shapes)
     assert learner.to_device(x, y, train=True)[0].shape[-2:] == (48, 48)
 
 
+def test_continuing_from_a_run_needs_no_imagenet_weights(finished_run, shapes, tmp_path, monkeypatch):
+    # The Train page keeps Pretrained ticked when it continues a pretrained run; offline, with an empty hub cache
+    # and every download routed to a closed port, the run's own weights are all it needs.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for var in ("https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    cfg = tiny_config(shapes, epochs=1, init_from=str(finished_run))
+    cfg.model.pretrained = True
+    learner = Learner(cfg)
+    source = load_bundle(finished_run / BUNDLE, device="cpu").model.state_dict()
+    assert all(torch.equal(v.cpu(), source[k]) for k, v in learner.model.state_dict().items())
+
+
 def test_results_do_not_depend_on_a_warm_cache(shapes, tmp_path, monkeypatch):
     cfg = tiny_config(shapes, epochs=1)
     monkeypatch.setenv("LOUPE_HOME", str(tmp_path / "cold"))
@@ -256,6 +270,8 @@ def test_early_stopping_and_keep_best(shapes, tmp_path):
     epochs = runs.load_events(run_dir, "epoch")
     assert len(epochs) < 6 and runs.load_events(run_dir, "early_stop")
     assert (run_dir / "best.pt").exists()
+    first_lowest = min(range(len(epochs)), key=lambda i: epochs[i]["valid_loss"])
+    assert runs.exported_epoch(runs.load_events(run_dir)) == (first_lowest, "best")
 
 
 # ---------------------------------------------------------------- multi-label
