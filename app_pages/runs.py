@@ -14,6 +14,8 @@ from ui.runs_view import (
     config_lines,
     epoch_history,
     has_model,
+    history_of,
+    model_origin,
     runs_table,
     split_line,
 )
@@ -67,6 +69,7 @@ event = st.dataframe(
     selection_mode="multi-row",
     hide_index=True,
     column_config=TABLE_COLUMNS,
+    placeholder="",  # an empty cell says "nothing here", not "None"
 )
 rows = [i for i in event.selection.rows if i < len(listing)]
 selected = [listing[i] for i in rows]
@@ -91,7 +94,9 @@ run_dir = Path(info["path"])
 st.subheader(f"Run {info['id']}")
 current = current_run()
 is_current = current is not None and current.name == info["id"]
-st.markdown(f"State **{info['state']}**" + (" · the current run" if is_current else ""))
+exported = model_origin(history_of(run_dir)) if has_model(run_dir) else ""
+st.markdown(f"State **{info['state']}**" + (f" · {exported}" if exported else "")
+            + (" · the current run" if is_current else ""))
 if info.get("error"):
     st.error(info["error"])
 for line in config_lines(info["config"], split_line(run_dir, info["config"])):

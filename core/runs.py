@@ -530,6 +530,37 @@ def load_events(run_dir: PathArg, kind: str | None = None) -> list[dict[str, Any
     return events if kind is None else [e for e in events if e.get("event") == kind]
 
 
+def epoch_number(epoch: Any) -> Any:
+    """An epoch (or a pandas column of them) as people count it, from 1. Events, checkpoints and item_losses
+    files count from 0, like the training loop; every page converts here, when it shows one."""
+    return epoch + 1
+
+
+def exported_epoch(events: list[dict[str, Any]]) -> tuple[int | None, str | None]:
+    """Which finished epoch (0-based, as in the events) the run's exported model comes from, and why:
+
+    "best": "Keep the best epoch" loaded that epoch's weights, the first with the lowest valid loss (as
+    training keeps it); "last": the weights after the last finished epoch; "stopped": the weights at a stop,
+    part way into the epoch after it (None: before any epoch finished). (None, None) when no model was exported.
+    Told from the events alone, so runs made before this function existed are read the same way."""
+    exports = [i for i, e in enumerate(events) if e.get("event") == "exported"]
+    if not exports:
+        return None, None
+    export = exports[-1]
+    epochs = {int(e["epoch"]): e for e in events[:export]
+              if e.get("event") == "epoch" and isinstance(e.get("epoch"), (int, float))}
+    session = max((i for i, e in enumerate(events[:export]) if e.get("event") == "start"), default=0)
+    if epochs and any(e.get("event") == "best_weights" for e in events[session:export]):
+
+        def loss(epoch: int) -> float:
+            value = epochs[epoch].get("valid_loss")
+            return value if isinstance(value, (int, float)) and math.isfinite(value) else math.inf
+
+        return min(sorted(epochs), key=loss), "best"
+    stopped = any(e.get("event") == "stopped" for e in events[export:])
+    return (max(epochs) if epochs else None), ("stopped" if stopped else "last")
+
+
 def _last_event(run_dir: Path, kind: str, window: int = 64 * 1024, cap: int = 4 * 1024 * 1024) -> dict | None:
     """The last `kind` event, reading from the end of the file: 64 KB first, growing only when needed."""
     try:

@@ -105,8 +105,11 @@ def test_table_lists_runs_and_selected_runs_are_compared(home: Path, two_runs: l
     assert sorted(table["id"]) == sorted(r.name for r in two_runs)
     assert set(table["state"]) == {"done"} and "task" not in table  # the task column only appears with LR-finder runs
     assert set(table["epochs"]) == {"2/2"} and set(table["arch"]) == {"resnet18"}
-    assert table["best valid loss"].notna().all() and table["best error rate"].between(0, 1).all()
-    assert table["model"].all()
+    for run_dir in two_runs:  # the exported model is the last epoch's: its numbers, not the best ones seen
+        row = table.set_index("id").loc[run_dir.name]
+        last = runs.load_events(run_dir, "epoch")[-1]
+        assert (row["epoch"], row["model"]) == (2, "last epoch")
+        assert row["valid loss"] == pytest.approx(last["valid_loss"]) and row["error rate"] == last["error_rate"]
     assert not at.get("plotly_chart")  # nothing selected yet
 
     select(at, *(r.name for r in two_runs))
@@ -147,6 +150,30 @@ def test_the_data_line_tells_the_split_the_run_used(home: Path, write_image):
     (line,) = [m.value for m in at.markdown if m.value.startswith("**Data**")]
     assert line.endswith("train/ and val/ folders: 6 train · 4 valid (40%)")
     assert "seed" not in line and "20%" not in line
+
+
+def run_with_epochs(home: Path, losses: list[float], keep_best: bool) -> Path:
+    """A finished run's folder whose events are those a run with these valid losses writes."""
+    run_dir = fake_run(home)
+    with runs.EventWriter(run_dir) as events:
+        events.emit("start", resume=False)
+        for epoch, loss in enumerate(losses):
+            events.emit("epoch", epoch=epoch, train_loss=1.0, valid_loss=loss, error_rate=loss / 4, seconds=1.0)
+        if keep_best:
+            events.emit("best_weights", best_valid_loss=min(losses))
+        events.emit("exported", file="model.safetensors")
+        events.emit("done", epochs=len(losses), best_valid_loss=min(losses))
+    return run_dir
+
+
+def test_the_table_shows_the_exported_epoch_not_the_best_one_seen(home: Path):
+    last = run_with_epochs(home, [0.9, 0.7858, 0.8896], keep_best=False)
+    best = run_with_epochs(home, [0.9, 0.7858, 0.8896], keep_best=True)
+    at = open_runs()
+    table = at.dataframe[0].value.set_index("id")
+    assert table.loc[last.name, ["epoch", "valid loss"]].tolist() == [3, 0.8896]  # epochs counted from 1
+    assert table.loc[best.name, ["epoch", "valid loss"]].tolist() == [2, 0.7858]
+    assert at.dataframe[0].proto.placeholder == ""  # empty cells stay empty rather than read "None"
 
 
 def test_delete_needs_the_run_id_typed_and_removes_the_folder(home: Path):

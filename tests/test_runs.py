@@ -348,3 +348,20 @@ def test_delete_run_refuses_active_runs_and_foreign_paths(tmp_path: Path) -> Non
 
     runs.delete_run(active, root=root)  # its process is gone now: reconciled to failed, so deletable
     assert not active.exists()
+
+
+def test_exported_epoch_is_told_from_the_events_a_run_wrote() -> None:
+    def epoch(n: int, valid_loss: float) -> dict:
+        return {"event": "epoch", "epoch": n, "train_loss": 1.0, "valid_loss": valid_loss}
+
+    trained = [{"event": "start"}, epoch(0, 0.9), epoch(1, 0.7), epoch(2, 0.8)]
+    assert runs.exported_epoch(trained) == (None, None)  # still training, or failed: no model
+    assert runs.exported_epoch([*trained, {"event": "exported"}, {"event": "done"}]) == (2, "last")
+    best = [*trained, {"event": "best_weights"}, {"event": "exported"}, {"event": "done"}]
+    assert runs.exported_epoch(best) == (1, "best")
+    stopped = [*trained, {"event": "exported"}, {"event": "stopped"}]
+    assert runs.exported_epoch(stopped) == (2, "stopped")
+    # Resumed after the stop and finished: the last export is the one that counts.
+    resumed = [*stopped, {"event": "start"}, epoch(3, 0.6), {"event": "exported"}, {"event": "done"}]
+    assert runs.exported_epoch(resumed) == (3, "last")
+    assert runs.exported_epoch([{"event": "start"}, {"event": "exported"}, {"event": "stopped"}]) == (None, "stopped")

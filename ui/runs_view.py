@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -37,8 +37,14 @@ def _file_key(path: Path) -> tuple[float, int]:
     return stat.st_mtime, stat.st_size
 
 
+class History(NamedTuple):
+    epochs: pd.DataFrame  # one row per finished epoch (the latest of each, should a resume have repeated one)
+    lr_find: bool  # an LR-finder sweep, not a training run
+    exported: tuple[int | None, str | None]  # see core.runs.exported_epoch
+
+
 @st.cache_data(max_entries=256, show_spinner=False)
-def _history(run_dir: str, mtime: float, size: int) -> tuple[pd.DataFrame, bool]:
+def _history(run_dir: str, mtime: float, size: int) -> History:
     events = runs.load_events(run_dir)
     rows = [{k: v for k, v in e.items() if k not in ("event", "time")} for e in events if e.get("event") == "epoch"]
     lr_find = any(e.get("event") in ("lr_find", "lr_find_done") for e in events)
@@ -46,32 +52,46 @@ def _history(run_dir: str, mtime: float, size: int) -> tuple[pd.DataFrame, bool]
     for column in EPOCH_COLUMNS:
         if column not in table:
             table[column] = pd.Series(dtype=float)
-    return table, lr_find
+    table = table.drop_duplicates("epoch", keep="last").reset_index(drop=True)
+    return History(table, lr_find, runs.exported_epoch(events))
+
+
+def history_of(run_dir: str | Path) -> History:
+    run_dir = Path(run_dir)
+    return _history(str(run_dir), *_file_key(run_dir / runs.EVENTS_FILE))
 
 
 def epoch_history(run_dir: str | Path) -> pd.DataFrame:
     """One row per finished epoch: epoch, train_loss, valid_loss, the metrics, seconds (empty if none)."""
-    run_dir = Path(run_dir)
-    return _history(str(run_dir), *_file_key(run_dir / runs.EVENTS_FILE))[0]
+    return history_of(run_dir).epochs
 
 
 def task_of(info: dict[str, Any]) -> str:
     """"lr_find" for an LR-finder run, else "train" (a running LR finder is known by its events)."""
     if info["status"].get("task") == "lr-find":
         return "lr_find"
-    run_dir = Path(info["path"])
-    return "lr_find" if _history(str(run_dir), *_file_key(run_dir / runs.EVENTS_FILE))[1] else "train"
+    return "lr_find" if history_of(info["path"]).lr_find else "train"
 
 
 def has_model(run_dir: str | Path) -> bool:
     return (Path(run_dir) / BUNDLE).is_file()
 
 
-def _best(history: pd.DataFrame, column: str, lowest: bool = True) -> float | None:
-    if column not in history or history[column].dropna().empty:
-        return None
-    values = history[column].dropna()
-    return float(values.min() if lowest else values.max())
+MODEL_FROM = {  # how core.runs.exported_epoch chose the weights, as the Runs table says it
+    "best": "best epoch",
+    "last": "last epoch",
+    "stopped": "at the stop",
+}
+
+
+def shown_epoch(history: History) -> tuple[dict[str, Any], str]:
+    """The epoch row a run's summary shows, and where its model comes from: the epoch the exported model holds
+    (the same numbers Interpret and Predict work with), else, without a model, the latest epoch."""
+    epoch, how = history.exported
+    rows = history.epochs[history.epochs["epoch"] == epoch] if epoch is not None else history.epochs.iloc[0:0]
+    if rows.empty:
+        rows = history.epochs.tail(1)
+    return (rows.iloc[0].to_dict() if len(rows) else {}), MODEL_FROM.get(how, "")
 
 
 def _duration_minutes(info: dict[str, Any]) -> float | None:
@@ -83,43 +103,63 @@ def _duration_minutes(info: dict[str, Any]) -> float | None:
     return None if seconds is None else seconds / 60
 
 
+def model_origin(history: History) -> str:
+    """Which weights the exported model holds, in words: "model from epoch 3 of 4, the best one"."""
+    epoch, how = history.exported
+    if epoch is None:
+        return "model saved at a stop during the first epoch" if how == "stopped" else ""
+    n, total = runs.epoch_number(epoch), len(history.epochs)
+    if how == "stopped":
+        return f"model saved at the stop, part way into epoch {n + 1} (after epoch {n})"
+    return f"model from epoch {n} of {total}" + (", the one with the lowest valid loss" if how == "best" else "")
+
+
+def _number(row: dict[str, Any], column: str) -> float | None:
+    value = row.get(column)
+    return float(value) if isinstance(value, (int, float)) and pd.notna(value) else None
+
+
 def runs_table(listing: list[dict[str, Any]]) -> pd.DataFrame:
-    """The Runs page's table, one row per run in `listing` order (newest first)."""
+    """The Runs page's table, one row per run in `listing` order (newest first). Losses and metrics are those
+    of the epoch the exported model comes from (see `shown_epoch`), so they describe the model in use."""
     rows = []
     for info in listing:
         config = info["config"]
         data, model = config.get("data") or {}, config.get("model") or {}
-        history = epoch_history(info["path"])
+        history = history_of(info["path"])
         task = task_of(info)
         planned = config.get("epochs")
         if task == "train" and config.get("schedule") == "fine_tune" and isinstance(planned, int):
             planned += config.get("freeze_epochs") or 0
+        shown, model_from = shown_epoch(history)
         rows.append(
             {
                 "id": info["id"],
                 "state": info["state"],
                 "task": task,
-                "dataset": Path(data["path"]).name if data.get("path") else None,
-                "arch": model.get("arch"),
+                "dataset": Path(data["path"]).name if data.get("path") else "",
+                "arch": model.get("arch") or "",
                 "size": data.get("size"),
-                "epochs": f"{len(history)}/{planned}" if task == "train" and planned else None,
-                "best valid loss": _best(history, "valid_loss"),
-                "best error rate": _best(history, "error_rate"),
+                "epochs": f"{len(history.epochs)}/{planned}" if task == "train" and planned else "",
+                "epoch": runs.epoch_number(int(shown["epoch"])) if shown else None,
+                "valid loss": _number(shown, "valid_loss"),
+                "error rate": _number(shown, "error_rate"),
                 # multi-label runs log accuracy_multi instead of an error rate
-                "best accuracy (multi-label)": _best(history, "accuracy_multi", lowest=False),
+                "accuracy (multi-label)": _number(shown, "accuracy_multi"),
+                "model": model_from if has_model(info["path"]) else "",
                 "minutes": _duration_minutes(info),
                 "created": datetime.fromtimestamp(info["created_at"]),
-                "model": has_model(info["path"]),
             }
         )
     table = pd.DataFrame(rows)
+    table["epoch"] = table["epoch"].astype("Int64")
     return table.drop(columns=[name for name, says_nothing in OPTIONAL_COLUMNS.items() if says_nothing(table[name])])
 
 
 # Left out when they would say nothing: no LR-finder run, no multi-label run.
 OPTIONAL_COLUMNS = {
     "task": lambda col: (col == "train").all(),
-    "best accuracy (multi-label)": lambda col: col.isna().all(),
+    "accuracy (multi-label)": lambda col: col.isna().all(),
 }
 TABLE_COLUMNS = {
     "id": st.column_config.TextColumn("run", width=215),
@@ -129,16 +169,22 @@ TABLE_COLUMNS = {
     "arch": st.column_config.TextColumn("arch", width=80),
     "size": st.column_config.NumberColumn("size", format="%d px", width=55),
     "epochs": st.column_config.TextColumn("epochs", help="epochs finished / planned", width=55),
-    "best valid loss": st.column_config.NumberColumn("best loss", format="%.4f", width=75,
-                                                     help="lowest validation loss over the epochs"),
-    "best error rate": st.column_config.NumberColumn("best error", format="percent", width=75,
-                                                     help="lowest validation error rate over the epochs"),
-    "best accuracy (multi-label)": st.column_config.NumberColumn("best accuracy", format="percent", width=90,
-                                                                 help="multi-label runs: highest accuracy_multi"),
+    "epoch": st.column_config.NumberColumn("epoch", format="%d", width=50,
+                                           help="the epoch the loss and error are from: the one the exported model "
+                                                "comes from, else (no model yet) the latest"),
+    "valid loss": st.column_config.NumberColumn("valid loss", format="%.4f", width=75,
+                                                help="validation loss of that epoch"),
+    "error rate": st.column_config.NumberColumn("error", format="percent", width=65,
+                                                help="validation error rate of that epoch"),
+    "accuracy (multi-label)": st.column_config.NumberColumn("accuracy", format="percent", width=75,
+                                                            help="multi-label runs: accuracy_multi of that epoch"),
+    "model": st.column_config.TextColumn("model", width=85,
+                                         help="the exported model (model.safetensors) holds the weights of: the "
+                                              "last epoch; the best epoch (lowest valid loss, with Keep the best "
+                                              "epoch); or those at the stop, part way into the next epoch"),
     "minutes": st.column_config.NumberColumn("duration", format="%.1f min", width=70,
                                              help="training time (so far, while active)"),
-    "created": st.column_config.DatetimeColumn("created", format="MM-DD HH:mm", width=90),
-    "model": st.column_config.CheckboxColumn("model", help="has an exported model (model.safetensors)", width=50),
+    "created": st.column_config.DatetimeColumn("created", format="MM-DD HH:mm", width=105),
 }
 
 
@@ -159,7 +205,7 @@ def compare_figure(histories: dict[str, pd.DataFrame], height: int = 420) -> go.
         if history.empty:
             continue
         colour = RUN_COLOURS[i % len(RUN_COLOURS)]
-        x = history["epoch"] + 1  # epochs are counted from 0 in the events, from 1 for people
+        x = runs.epoch_number(history["epoch"])
         line = {"color": colour, "width": 2}
         fig.add_trace(
             go.Scatter(x=x, y=history["valid_loss"], mode="lines+markers", name=run_id, legendgroup=run_id, line=line,
