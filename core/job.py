@@ -92,6 +92,8 @@ class EpochTable:
 
     @staticmethod
     def _cell(name: str, value) -> str:
+        if name == "epoch" and isinstance(value, int):
+            value = runs.epoch_number(value)  # a person reads this table: epochs from 1, as on every page
         if name == "seconds" and isinstance(value, (int, float)):
             minutes, seconds = divmod(int(round(value)), 60)
             return f"{minutes:>9}:{seconds:02d}"

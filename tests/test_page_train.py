@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections import Counter
@@ -190,7 +191,10 @@ def test_a_finished_run_shows_its_curves_table_and_hardest_images(trained, monke
     at = open_page(dataset, run_dir.name)
     assert len(at.get("plotly_chart")) >= 2  # loss curves and the schedule
     assert len(at.dataframe) >= 1
-    assert list(at.dataframe[0].value["epoch"]) == [0, 1]
+    assert list(at.dataframe[0].value["epoch"]) == [1, 2]  # counted from 1 for people (from 0 in the events)
+    assert "**Hardest training images** · epoch 2" in texts(at, "markdown")
+    traces = [t for c in at.get("plotly_chart") for t in json.loads(c.proto.spec)["data"]]
+    assert next(t["text"] for t in traces if t.get("name") == "valid (epoch)") == ["epoch 1", "epoch 2"]
     assert "Done" in texts(at, "success")
     sides = Counter(item["split"] for item in read_json(run_dir / DATASET_RECORD)["items"])
     split = f"random 20% split per class, seed 42: {sides['train']} train · {sides['valid']} valid"

@@ -13,6 +13,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from core import runs
+
 TRAIN_COLOUR = "#1f77b4"
 VALID_COLOUR = "#ff7f0e"
 LR_COLOUR = "#2ca02c"
@@ -67,7 +69,7 @@ def loss_figure(
                                    line=dict(color=TRAIN_COLOUR, width=2)))
     if len(epochs):
         x = epochs["step"] if "step" in epochs else _epoch_steps(batches, epochs)
-        label = [f"epoch {int(e)}" for e in epochs["epoch"]]
+        label = [f"epoch {runs.epoch_number(int(e))}" for e in epochs["epoch"]]
         fig.add_trace(go.Scatter(x=x, y=epochs["valid_loss"], mode="lines+markers", name="valid (epoch)",
                                  line=dict(color=VALID_COLOUR, width=2), marker=dict(size=8), text=label,
                                  hovertemplate="%{text}: %{y:.4f}<extra>valid</extra>"))

@@ -947,8 +947,8 @@ def _progress(view: RunView) -> None:
         if b.get("batch") == b.get("n_batches") and epoch not in finished_epochs:
             phase = "validating"
         elapsed = time.time() - view.session_start if view.session_start else None
-        text = (f"Epoch {epoch + 1}/{view.total_epochs}{frozen} · {phase} · {fmt_seconds(elapsed)} elapsed · "
-                f"about {fmt_seconds(view.eta())} left")
+        text = (f"Epoch {runs.epoch_number(epoch)}/{view.total_epochs}{frozen} · {phase} · "
+                f"{fmt_seconds(elapsed)} elapsed · about {fmt_seconds(view.eta())} left")
     st.progress(done, text=text)
 
 
@@ -999,6 +999,7 @@ def _epoch_table(view: RunView) -> None:
         st.caption("The table grows by one row per epoch.")
         return
     table = view.epochs.drop(columns=[c for c in ("step",) if c in view.epochs], errors="ignore").copy()
+    table["epoch"] = runs.epoch_number(table["epoch"])
     if "seconds" in table:
         table["time"] = table.pop("seconds").map(fmt_seconds)
     number = st.column_config.NumberColumn(format="%.4f")
@@ -1039,7 +1040,7 @@ def _hardest_images(run_dir: Path) -> None:
         st.caption("After the first epoch: the training images with the highest loss.")
         return
     epoch = int(npz.stem.split("_")[-1])
-    st.markdown(f"**Hardest training images** · epoch {epoch}")
+    st.markdown(f"**Hardest training images** · epoch {runs.epoch_number(epoch)}")
     try:
         rows = _hardest(str(npz), npz.stat().st_mtime, str(record), record.stat().st_mtime, HARDEST)
     except (OSError, ValueError, KeyError) as exc:
