@@ -327,20 +327,18 @@ def _load_csv(root: Path, cfg: DataConfig) -> DataSource:
     if not _inside(csv_path, root):
         raise DataError(f"CSV file {cfg.csv_file!r} lies outside the dataset folder {str(root)!r}.")
     table = read_labels_csv(csv_path, cfg)
-    by_name = _index_files(csv_path.parent)
-    names = table["file"].str.strip().tolist()
-    # Path() only where it can change the name ("./a.jpg", "a//b.jpg"): millions of rows stay fast.
-    paths = [by_name.get(n) or (by_name.get(Path(n).as_posix()) if "/" in n else None) for n in names]
-    missing = [i for i, path in enumerate(paths) if path is None]
-    unlabelled = [(csv_path.parent / names[i], "listed in the CSV but not found") for i in missing[:MAX_LISTED]]
+    paths = _csv_paths(table["file"].str.strip(), _index_files(csv_path.parent))
+    missing = np.flatnonzero(paths.isna())
+    unlabelled = [(csv_path.parent / table["file"].iat[i].strip(), "listed in the CSV but not found")
+                  for i in missing[:MAX_LISTED]]
     rows, groups, splits = [], [], []
-    found = table.iloc[[i for i, path in enumerate(paths) if path is not None]]
-    for i, text, group, valid in zip(found.index, found["labels"], found["group"], found["is_valid"]):
+    found = table[paths.notna()]  # the loop below runs once per file on disk, not once per row of the CSV
+    for path, text, group, valid in zip(paths[paths.notna()], found["labels"], found["group"], found["is_valid"]):
         labels = tuple(x for x in text.split(cfg.label_delim or None) if x)
         if not labels:
-            unlabelled.append((paths[i], "no label in the CSV"))
+            unlabelled.append((path, "no label in the CSV"))
             continue
-        rows.append((paths[i], labels))
+        rows.append((path, labels))
         groups.append(group)
         splits.append("valid" if valid.strip().lower() in ("1", "true", "yes") else "train")
     return _make_source(
@@ -352,6 +350,26 @@ def _load_csv(root: Path, cfg: DataConfig) -> DataSource:
         unlabelled=unlabelled,
         unlisted=max(0, len(missing) - MAX_LISTED),
     )
+
+
+def _csv_paths(names: pd.Series, by_name: dict[str, Path]) -> pd.Series:
+    """The file each CSV name stands for (None where there is none), found without a Python loop over the rows."""
+    paths = pd.Series(None, index=names.index, dtype=object)
+    # Arrow strings cannot hold a non-UTF-8 file name, and no name read from a UTF-8 CSV can match one anyway.
+    hit = names.isin([name for name in by_name if _is_utf8(name)])
+    paths[hit] = names[hit].map(by_name)
+    # Path spells "./a.jpg" and "a//b.jpg" as the index does; only such names need it.
+    for i in np.flatnonzero(~hit & names.str.contains(r"\./|//")):
+        paths.iat[i] = by_name.get(Path(names.iat[i]).as_posix())
+    return paths
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: a file name that was not UTF-8 on disk
+        return False
+    return True
 
 
 def read_labels_csv(csv_path: Path, cfg: DataConfig) -> pd.DataFrame:
@@ -382,8 +400,9 @@ def read_labels_csv(csv_path: Path, cfg: DataConfig) -> pd.DataFrame:
 def _csv_header(csv_path: Path) -> list[str]:
     """The column names on the CSV's first line (a UTF-8 byte-order mark, as Excel writes, is allowed)."""
     try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            header = next(csv.reader(f), None)
+        with open(csv_path, "rb") as f:
+            first = f.readline().decode("utf-8-sig")  # bytes first: a text reader decodes far beyond line 1
+        header = next(csv.reader([first]), None)
     except UnicodeDecodeError:
         raise DataError(f"{csv_path.name} cannot be read: line 1 is not UTF-8 text. Save the file as UTF-8 "
                         "(in Excel: CSV UTF-8).") from None

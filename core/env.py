@@ -72,7 +72,11 @@ def check_data_path(path: str | os.PathLike) -> Path:
     The workspace (uploads, the demo, feedback) is always allowed. Resolving first means neither `..`
     nor a symlink inside an allowed root can lead out of it.
     """
-    resolved = Path(path).expanduser().resolve()
+    try:
+        resolved = Path(path).expanduser().resolve()
+    except RuntimeError:  # "Could not determine home directory." (~nosuchuser), or a symlink loop
+        raise ValueError(f"`{path}` cannot be opened: it starts with a home folder this machine does not have, "
+                         "or it goes round a loop of symbolic links.") from None
     roots = allowed_data_roots()
     if roots is None:
         return resolved

@@ -233,7 +233,12 @@ def render_options(dataset: str) -> DataConfig:
             options["csv_file"] = st.selectbox(
                 "Labels CSV", csvs, index=csvs.index(current) if current in csvs else 0, key="data_csv_file"
             )
-        fixed = effective == "split_folders"
+        fixed_by = data.split_fixed_by(DataConfig(path=dataset, **options))
+        fixed = fixed_by is not None
+        unused = f"Not used: {fixed_by}." if fixed else ""
+        if fixed:
+            st.caption(f":material/lock: The split is the dataset's own: {fixed_by}. The settings below apply only "
+                       "to a split Loupe makes.")
         share, seed = st.columns([3, 2], vertical_alignment="bottom")
         options["valid_pct"] = share.slider(
             "Validation share",
@@ -244,17 +249,19 @@ def render_options(dataset: str) -> DataConfig:
             format="%.2f",
             key="data_valid_pct",
             disabled=fixed,
-            help="Held out to measure the model. Ignored when the dataset fixes the split (train/valid folders).",
+            help=unused or "Held out to measure the model.",
         )
         options["seed"] = int(
-            seed.number_input("Split seed", 0, 2**31 - 1, value=int(saved.get("seed", 42)), step=1, key="data_seed")
+            seed.number_input("Split seed", 0, 2**31 - 1, value=int(saved.get("seed", 42)), step=1, key="data_seed",
+                              disabled=fixed, help=unused or "Another seed, another random split (and training order).")
         )
         options["stratify"] = st.toggle(
             "Stratify by class",
             value=bool(saved.get("stratify", True)),
             key="data_stratify",
             disabled=fixed,
-            help="Every class keeps the same share of its images in validation, so small classes are validated too.",
+            help=unused or "Every class keeps the same share of its images in validation, so small classes are "
+            "validated too.",
         )
         options["group_regex"] = (
             st.text_input(
@@ -262,7 +269,8 @@ def render_options(dataset: str) -> DataConfig:
                 value=saved.get("group_regex") or "",
                 key="data_group_regex",
                 placeholder="e.g. ^([a-z]+)_ keeps alice_1.jpg and alice_2.jpg on one side",
-                help="Items whose path gives the same match (or first group) all go to the same side, "
+                disabled=fixed,
+                help=unused or "Items whose path gives the same match (or first group) all go to the same side, "
                 "so near-duplicates never straddle train and valid.",
             ).strip()
             or None
@@ -345,7 +353,7 @@ def render_summary(source: DataSource, bad: list[BadImage], split: Split) -> Non
         st.metric("Validation", f"{len(split.valid):,}", border=True)
         if len(split.test):
             st.metric("Test", f"{len(split.test):,}", border=True)
-        left_out = len(bad) + len(source.unlabelled)
+        left_out = len(bad) + source.n_unlabelled
         st.metric("Left out", f"{left_out:,}", border=True, help="Files that failed to decode or have no label")
 
 
@@ -378,12 +386,12 @@ def render_warnings(source: DataSource, bad: list[BadImage], split: Split) -> No
         st.info(
             "The validation share is 0: training will report no validation loss or accuracy.", icon=":material/info:"
         )
-    if bad or source.unlabelled:
+    if bad or source.n_unlabelled:
         st.warning(
-            f"{len(bad) + len(source.unlabelled)} file(s) will be left out of training: see **Problems** below.",
+            f"{len(bad) + source.n_unlabelled:,} file(s) will be left out of training: see **Problems** below.",
             icon=":material/report:",
         )
-    if not bad and not source.unlabelled:
+    if not bad and not source.n_unlabelled:
         st.caption(f":material/check_circle: Every one of the {len(source):,} images has a label and decodes.")
     if source.fixed_split is not None:
         st.caption(":material/lock: The dataset fixes the split itself (train/valid folders or an is_valid column).")
@@ -554,6 +562,9 @@ def render_problems(source: DataSource, bad: list[BadImage]) -> None:
     rows += [(rel(path), "no label", why) for path, why in source.unlabelled]
     table = pd.DataFrame(rows, columns=["file", "problem", "reason"])
     st.dataframe(table, hide_index=True, key="data_problems", height=min(400, 38 + 35 * len(table)))
+    if source.unlisted:
+        st.caption(f"… and {source.unlisted:,} more rows of the CSV name files that are not in the folder "
+                   f"(only the first {data.MAX_LISTED:,} are listed).")
 
 
 def _jpeg(pixels: torch.Tensor) -> bytes:
