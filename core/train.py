@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from core import distributed, interpret
+from core import distributed, interpret, runs
 from core.augment import BatchAugment, normalize, resize_batch
 from core.data import DataConfig, DataLoaders, make_dataloaders, path_text
 from core.env import resolve_device, seed_everything
@@ -345,7 +345,7 @@ class Learner:
                 ids_all, losses_all = self._gather_items(item_ids, item_losses)
                 partial = {"loss_sum": total, "loss_count": count, "item_ids": ids_all, "item_losses": losses_all}
                 self.save_checkpoint(ctx, batch=batch_index + 1, partial=partial)
-                raise StopRequested(f"Stopped at epoch {ctx['epoch']}, batch {batch_index + 1}.")
+                raise StopRequested(f"Stopped at epoch {runs.epoch_number(ctx['epoch'])}, batch {batch_index + 1}.")
         self._report_skipped(ctx["epoch"], seen)
         distributed.broadcast_buffers(self.model)  # one model on every rank before it is evaluated and saved
         self._save_item_losses(ctx["epoch"], *self._gather_items(item_ids, item_losses))
@@ -436,8 +436,9 @@ class Learner:
         if math.isfinite(loss) and loss <= DIVERGENCE_FACTOR * max(self.first_loss, 1.0):
             return
         raise TrainingDiverged(
-            f"The loss became {loss:.4g} at step {self.step} (epoch {ctx['epoch']}); the learning rate "
-            f"({ctx['opt'].param_groups[-1]['lr']:.2e}) is probably too high. The last good checkpoint is kept."
+            f"The loss became {loss:.4g} at step {self.step} (epoch {runs.epoch_number(ctx['epoch'])}); "
+            f"the learning rate ({ctx['opt'].param_groups[-1]['lr']:.2e}) is probably too high. "
+            "The last good checkpoint is kept."
         )
 
     def validate(self) -> dict[str, float]:

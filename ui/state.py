@@ -66,7 +66,8 @@ def run_path(run_id: str) -> Path:
 
 
 def training_runs() -> list[dict]:
-    """Every run but LR-finder sweeps (a sweep is a run directory too, but "a run" means a training run), newest first."""
+    """Every run but LR-finder sweeps (a sweep is a run directory too, but "a run" means a training run),
+    newest first."""
     return [r for r in runs.list_runs(runs_dir()) if r.get("status", {}).get("task") != "lr-find"]
 
 
