@@ -1,11 +1,11 @@
 """Clean: review each class by loss, mark images to delete or relabel, apply in one step (with undo), retrain."""
 
 from __future__ import annotations
-from datetime import datetime
 from pathlib import Path
 import pandas as pd
 import streamlit as st
 from core import clean, interpret, runs
+from core.csvfile import csv_for_people
 from core.data import LAYOUT_NAMES
 from core.env import check_data_path
 from core.fileio import read_json
@@ -27,6 +27,7 @@ from ui.clean_view import (
     to_change,
     apply_marks,
     undo,
+    log_frame,
 )
 
 st.title("Clean")
@@ -133,10 +134,10 @@ else:
 log = clean.log_table(datasets)
 with st.expander(f"Change log ({len(log)} entries)"):
     if log:
-        frame = pd.DataFrame(log)
-        frame["time"] = [datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") for t in frame["time"]]
-        cols = [c for c in ("time", "batch", "action", "source", "target", "new_label", "size", "sha256") if c in frame]
-        st.dataframe(frame[cols], hide_index=True)
+        frame = log_frame(log)
+        st.dataframe(frame, hide_index=True)
+        st.download_button("Download the log (CSV)", csv_for_people(frame), file_name=f"clean-log-{run.name}.csv",
+                           mime="text/csv", key="clean_log_csv", icon=":material/download:", on_click="ignore")
     else:
         st.caption("No changes applied to this dataset yet.")
 

@@ -10,9 +10,11 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -20,12 +22,13 @@ from streamlit.testing.v1 import AppTest
 
 from core import interpret, runs
 from core.clean import Change, apply_changes
+from core.csvfile import FORMULA_STARTS, csv_for_people
 from core.data import DataConfig, detect_layout, list_images, load_source, make_dataloaders, path_text, prepare
 from core.demo import DemoSpec, make_demo_dataset
 from core.fileio import atomic_write, atomic_write_json, read_json
 from core.images import HEIF_REASON, DataError, check_image, open_image, verify_images
 from core.job import DATASET_RECORD
-from core.model import ModelConfig
+from core.model import BundleMeta, ModelConfig
 from core.thumbs import thumbnail
 from core.train import CHECKPOINT, Learner, TrainConfig, load_checkpoint
 
@@ -579,3 +582,40 @@ def test_symlinked_folders_that_leave_the_dataset_are_skipped_everywhere(tmp_pat
     assert {m.label: m.value for m in at.metric}["Classes"] == "2"
     done = core_cli("train", folders, "--create-only", *TINY_CLI, home=home)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+
+
+# ---------------------------------------------------------------- issue 16: CSVs a spreadsheet opens
+
+
+def test_csv_cells_a_spreadsheet_would_run_are_escaped():
+    table = pd.DataFrame({
+        "file": ["=cmd|' -c calc'!A0.png", "+1.png", "-2.png", "@SUM(A1).png", "\tx.png", "\rx.png", "plain.png"],
+        "prediction": ['=HYPERLINK("http://evil.example","click")', "ok", "ok", "ok", "ok", "ok", "ok"],
+        "probability": [0.5, -0.25, 1.0, 0.0, 0.1, 0.2, 0.3],
+    }).rename(columns={"prediction": "=prediction"})
+    back = pd.read_csv(io.BytesIO(csv_for_people(table)), dtype=str, keep_default_na=False)
+    assert list(back.columns) == ["file", "'=prediction", "probability"]
+    assert list(back["file"]) == ["'=cmd|' -c calc'!A0.png", "'+1.png", "'-2.png", "'@SUM(A1).png", "'\tx.png",
+                                  "'\rx.png", "plain.png"]
+    assert back["'=prediction"][0] == "'=HYPERLINK(\"http://evil.example\",\"click\")"
+    assert list(back["probability"]) == ["0.5", "-0.25", "1.0", "0.0", "0.1", "0.2", "0.3"]  # numbers as they are
+
+
+def test_predict_and_cleaner_csvs_escape_formulas_and_streamlit_table_export_is_off():
+    from ui.clean_view import log_frame
+    from ui.predict_view import results_csv
+
+    meta = BundleMeta(arch="resnet18", vocab=["=HYPERLINK(\"http://evil.example\")", "cat"], size=32)
+    results = [{"name": "=cmd|' -c calc'!A0.png", "probs": [0.9, 0.1]}]
+    table = pd.DataFrame({"file": [r["name"] for r in results], "prediction": [meta.vocab[0]], "probability": [0.9]})
+    back = pd.read_csv(io.BytesIO(results_csv(meta, results, table)), dtype=str, keep_default_na=False)
+    assert back["file"][0] == "'=cmd|' -c calc'!A0.png" and back["prediction"][0] == "'" + meta.vocab[0]
+    assert not any(cell.startswith(FORMULA_STARTS) for cell in [*back.columns, *back.to_numpy().ravel()])
+
+    log = [{"time": 0.0, "batch": "b", "action": "relabel", "source": "=x/1.png", "target": "@y/1.png",
+            "new_label": "-y", "size": 3, "sha256": "ab"}]
+    text = csv_for_people(log_frame(log)).decode()
+    assert ",'=x/1.png,'@y/1.png,'-y,3," in text
+
+    config = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
+    assert config["client"]["disableDataExport"] is True  # Streamlit's table download cannot escape cells

@@ -1,13 +1,13 @@
 """The Predict page's pieces: classify uploads (cached per model version and image), charts, feedback, the results table."""
 
 import base64
-import io
 from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from core.csvfile import csv_for_people
 from core.feedback import BadUpload, preview_jpeg, read_image, save_feedback
 from core.model import BundleMeta, predict_probs
 from ui.cache import run_bundle
@@ -148,6 +148,4 @@ def results_csv(meta: BundleMeta, results: list[dict], table: pd.DataFrame) -> b
     csv = table[["file", "prediction", "probability"]].copy()
     for i, cls in enumerate(meta.vocab):
         csv[f"prob_{cls}"] = [r["probs"][i] for r in results]
-    buffer = io.StringIO()
-    csv.to_csv(buffer, index=False, float_format="%.6f")
-    return buffer.getvalue().encode()
+    return csv_for_people(csv, float_format="%.6f")  # file and class names may start with "=": never a formula
