@@ -1,7 +1,5 @@
 """Train: pick the model and schedule, find a learning rate, launch a run in the background and watch it live."""
 
-from pathlib import Path
-
 import streamlit as st
 
 from ui import train_view
@@ -9,39 +7,41 @@ from ui.state import current_dataset, current_run
 
 st.title("Train")
 dataset = current_dataset()
-if dataset is None:
-    st.info("Open or create a dataset first: training needs images to learn from.", icon=":material/photo_library:")
-    st.page_link("app_pages/data.py", label="Go to Data", icon=":material/photo_library:")
+selected = current_run()
+if dataset is None:  # no form without images, but a run (say, one started from the command line) is still followed
+    train_view.dataset_needed(selected)
+    if selected is not None:
+        st.divider()
+        train_view.run_panel(selected)
     st.stop()
 
 data_options = st.session_state.get("data_options", {})
-options_line = train_view.data_options_line(data_options)
-st.caption(f"Dataset `{Path(dataset).name}` · " + (options_line or "default labels and validation split"))
+facts = train_view.dataset_facts(dataset, data_options)
+st.caption(train_view.dataset_caption(dataset, data_options, facts))
 
-selected = current_run()
 form_col, finder_col = st.columns([5, 6], gap="large")
 with form_col:
-    values = train_view.config_form()
+    values = train_view.config_form(selected, facts)
     try:
         cfg = train_view.build_config(dataset, data_options, values)
     except ValueError as exc:
         st.error(str(exc), icon=":material/error:")
         cfg = None
     if cfg is not None:
-        train_view.config_hints(cfg)
+        train_view.config_hints(cfg, facts)
     find_col, train_col = st.columns(2)
     find = find_col.button("Find learning rate", key="train_find_lr", icon=":material/search:", width="stretch",
                            disabled=cfg is None)
     start = train_col.button("Train", key="train_start", type="primary", icon=":material/play_arrow:",
                              width="stretch", disabled=cfg is None)
 
-if find and cfg is not None and train_view.launch_lr_find(cfg):
+if find and cfg is not None and train_view.launch_lr_find(cfg, facts):
     st.rerun()
 if start and cfg is not None and train_view.launch_training(cfg):
     st.rerun()  # the sidebar and the run view below pick up the new run
 
 with finder_col:
-    train_view.lr_find_panel(train_view.lr_find_run(dataset, selected))
+    train_view.lr_find_panel(train_view.lr_find_run(dataset, selected), cfg, facts)
 
 st.divider()
 train_view.run_panel(selected)

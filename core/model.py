@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -274,6 +275,8 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _torch_load_weights_only(path: Path) -> object:
+    if not _looks_like_torch_file(path):  # else the weights-only loader calls any stray file "unsafe"
+        raise ValueError(f"{path} is not a PyTorch weights file (.pth) nor a .safetensors file.")
     try:
         # weights_only: a .pth is a pickle, and an unrestricted unpickle can run any code in the file.
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -285,6 +288,16 @@ def _torch_load_weights_only(path: Path) -> object:
         ) from None
     except (RuntimeError, EOFError, OSError) as err:
         raise ValueError(f"Could not read {path} as a PyTorch weights file: {err}") from err
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """torch.save writes a zip archive (PyTorch 1.6 on) or, in the legacy format, a pickle (opcode PROTO first)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1)
+    except OSError:
+        return True  # torch.load reports the reading error itself
+    return head == b"\x80" or zipfile.is_zipfile(path)
 
 
 def _as_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:

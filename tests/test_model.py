@@ -277,6 +277,11 @@ def test_weights_files_that_do_not_fit_are_refused_before_anything_is_placed(hub
     not_weights.write_text("not a tensor file")
     with pytest.raises(ValueError, match="safetensors"):
         install_pretrained("resnet18", not_weights)
+    text = tmp_path / "notes.pth"
+    text.write_text("not a tensor file")  # not called unsafe: it is no pickle at all
+    with pytest.raises(ValueError, match="not a PyTorch weights file") as refused:
+        install_pretrained("resnet18", text)
+    assert not isinstance(refused.value, UnsafeWeightsError)
     assert not marker.exists() and not pretrained_available("resnet18") and not pretrained_available("resnet34")
 
 

@@ -197,6 +197,20 @@ def test_train_and_valid_folders_fix_the_split(at: AppTest, tmp_path: Path, writ
     assert (m["Classes"], m["Training"], m["Validation"]) == ("2", "20", "6")
     assert at.slider(key="data_valid_pct").disabled
     assert "fixes the split" in texts(at.caption)
+    # Seed and groups only shape a split Loupe makes: here they are locked, and say why.
+    for widget in (at.number_input(key="data_seed"), at.text_input(key="data_group_regex"),
+                   at.toggle(key="data_stratify")):
+        assert widget.disabled and "train/ and valid/ folders fix the split" in widget.help
+    assert "The split is the dataset's own" in texts(at.caption)
+
+
+def test_an_is_valid_column_fixes_the_split_too(at: AppTest, tmp_path: Path, write_image):
+    root = classes(tmp_path / "csv", {"a": 6, "b": 6}, write_image)
+    rows = ["file,label,is_valid"] + [f"{c}/{c}_{i}.png,{c},{int(i < 2)}" for c in "ab" for i in range(6)]
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    open_folder(at, root)
+    assert metrics(at)["Validation"] == "4"
+    assert at.number_input(key="data_seed").disabled and "is_valid column" in at.number_input(key="data_seed").help
 
 
 def test_a_dataset_deleted_while_open_shows_an_error(at: AppTest, tmp_path: Path, write_image):

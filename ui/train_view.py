@@ -34,9 +34,9 @@ from core.data import (
 from core.env import check_data_path, runs_dir
 from core.feedback import feedback_counts, feedback_dataset
 from core.fileio import read_json
-from core.job import DATASET_RECORD, has_checkpoint, load_lr_find
-from core.lrfind import SUGGESTIONS
 from core.images import DataError
+from core.job import DATASET_RECORD, SweepEstimate, estimate_sweep, has_checkpoint, load_lr_find
+from core.lrfind import SUGGESTIONS, LRFindResult, sweep_steps
 from core.model import (
     ARCHS,
     HEADS,
@@ -60,7 +60,6 @@ LR_FIND_KEY = "train_lr_find_run"
 LR_FIND_HINT = "lr-find"
 GPUS_KEY = "train_gpus"  # only set where the machine has several GPUs
 LR_FIND_TASKS = ("lr-find",)  # the task core.runs.start and core.job record for an LR-finder sweep
-LR_FIND_STEPS = 100
 
 # ---------------------------------------------------------------- reading a run's events incrementally
 
@@ -211,7 +210,7 @@ def run_view(run_dir: Path) -> RunView:
 def fmt_seconds(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "–"
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
@@ -381,7 +380,7 @@ def config_form(selected: Path | None = None, facts: DataFacts | None = None) ->
     continuing = source is not None and bool(st.session_state[CONTINUE_KEY])
     if continuing:
         _follow_source_model(source)
-    keep = dict(persist_state="session")
+    keep = {"persist_state": "session"}
     c1, c2 = st.columns([3, 2], vertical_alignment="bottom")
     c1.selectbox("Architecture", list(ARCHS), key="train_arch", on_change=_arch_changed, disabled=continuing,
                  help="torchvision backbone; resnet18/34 train fast.", **keep)
@@ -503,9 +502,9 @@ def _install_weights(path: Path, shown: str) -> None:
     except FileNotFoundError:
         note = ("error", f"There is no file at `{shown}`.")
     except UnsafeWeightsError:
-        note = ("error", f"`{shown}` holds more than weights (Python objects that could run code when loaded), so "
-                         "Loupe refused it. Use torchvision's own weights file, or save just the model's state_dict "
-                         "(or a .safetensors file).")
+        note = ("error", (f"`{shown}` holds more than weights (Python objects that could run code when loaded), so "
+                          "Loupe refused it. Use torchvision's own weights file, or save just the model's state_dict "
+                          "(or a .safetensors file)."))
     except FileExistsError as exc:
         note = ("error", f"{exc}")
     except (OSError, ValueError) as exc:  # unreadable, not a state dict, or weights of another architecture
@@ -615,10 +614,10 @@ def dataset_needed(selected: Path | None) -> None:
     folder = read_config(selected).get("data", {}).get("path") if selected is not None else None
     with st.container(horizontal=True):
         st.page_link("app_pages/data.py", label="Go to Data", icon=":material/photo_library:")
-        if folder and Path(folder).is_dir() and allowed(folder):
-            if st.button(f"Open `{Path(folder).name}`, the dataset of run `{selected.name}`",
-                         key="train_open_run_dataset", icon=":material/folder_open:"):
-                open_dataset(folder)
+        offered = folder and Path(folder).is_dir() and allowed(folder)
+        if offered and st.button(f"Open `{Path(folder).name}`, the dataset of run `{selected.name}`",
+                                 key="train_open_run_dataset", icon=":material/folder_open:"):
+            open_dataset(folder)
 
 
 def build_config(dataset: str, data_options: dict, values: dict[str, Any]) -> TrainConfig:
@@ -702,16 +701,22 @@ def launch_training(cfg: TrainConfig) -> Path | None:
     return run_dir
 
 
-def launch_lr_find(cfg: TrainConfig) -> Path | None:
-    """Start an LR-finder sweep in the background for this config; its run id is kept for the session."""
+def launch_lr_find(cfg: TrainConfig, facts: DataFacts | None = None) -> Path | None:
+    """Start an LR-finder sweep in the background for this config; its run id is kept for the session.
+    The sweep gets the steps the page's estimate counted (without facts the run sizes it to the data itself)."""
+    steps = ["--num-it", str(_sweep_steps(cfg, facts))] if facts else []
     try:
         run_dir = runs.create(cfg.to_dict(), root=runs_dir(), name_hint=LR_FIND_HINT)
-        runs.start(run_dir, task="lr-find", extra_args=["--num-it", str(LR_FIND_STEPS)])
+        runs.start(run_dir, task="lr-find", extra_args=steps)
     except (OSError, ValueError) as exc:
         st.error(f"Could not start the learning-rate finder: {exc}")
         return None
     st.session_state[LR_FIND_KEY] = run_dir.name
     return run_dir
+
+
+def _sweep_steps(cfg: TrainConfig, facts: DataFacts) -> int:
+    return sweep_steps(max(1, facts.n_train // cfg.data.batch_size))
 
 
 # ---------------------------------------------------------------- the LR finder panel
@@ -735,18 +740,56 @@ def _use_lr(lr: float) -> None:
     st.session_state["train_lr"] = f"{lr:.2e}"
 
 
-def lr_find_panel(run_dir: Path | None) -> None:
+def lr_find_panel(run_dir: Path | None, cfg: TrainConfig | None = None, facts: DataFacts | None = None) -> None:
+    """The sweep (live while it runs), and, for the form's settings, how long a new sweep would take."""
     st.subheader("Learning rate finder", anchor=False)
+    status = safe_status(run_dir) if run_dir is not None else {}
+    if status.get("state") not in runs.ACTIVE_STATES and cfg is not None and facts is not None:
+        _sweep_estimate_line(cfg, facts)
     if run_dir is None:
         st.caption("Trains a few batches with the rate growing from 1e-7 to 10 and plots the loss. Pick a rate "
                    "where the loss still falls steeply, a bit before the minimum; *valley* is a good default.")
         return
-    status = safe_status(run_dir)
     if status.get("state") in runs.ACTIVE_STATES:
         live = st.fragment(_live(run_dir, _lr_find_body), run_every=POLL_SECONDS)
         live()
     else:
         _lr_find_body(run_dir, status, live=False)
+
+
+@st.cache_data(ttl=60, max_entries=16, show_spinner=False)
+def _estimate(config_json: str, n_train: int, runs_root: str, runs_version: int) -> SweepEstimate:
+    """core.job.estimate_sweep, once per form state and change to the runs folder (a new run may time steps)."""
+    cfg = TrainConfig.from_dict(json.loads(config_json))
+    return estimate_sweep(cfg, n_train, runs_root, device=cfg.device)
+
+
+def _sweep_estimate_line(cfg: TrainConfig, facts: DataFacts) -> None:
+    root = runs_dir()
+    estimate = _estimate(json.dumps(cfg.to_dict(), sort_keys=True), facts.n_train, str(root), root.stat().st_mtime_ns)
+    basis = (f"step times of run `{estimate.measured_on}`" if estimate.measured_on
+             else "a rough guess for this machine; a first run will time it")
+    st.caption(f":material/timer: With these settings a sweep takes about **{fmt_seconds(estimate.seconds)}**: "
+               f"up to {estimate.steps} steps, fewer once the loss clearly climbs ({basis}).")
+
+
+def _planned_steps(run_dir: Path) -> int | None:
+    """The steps a sweep was sized for, from its lr_find_start event (a few lines into a short file)."""
+    started = runs.load_events(run_dir, "lr_find_start")
+    return int(started[-1]["steps"]) if started and isinstance(started[-1].get("steps"), int) else None
+
+
+def _sweep_progress(run_dir: Path, state: str, view: RunView) -> None:
+    n, planned = len(view.lr_points), _planned_steps(run_dir)
+    if state == runs.QUEUED and not n:
+        st.progress(0.0, text="Queued: waiting for the compute…")
+    elif not n and view.cache and view.cache.get("total"):
+        done, total = int(view.cache.get("done", 0)), int(view.cache["total"])
+        st.progress(min(done / total, 1.0), text=f"Reading the images once: {done}/{total}")
+    elif not n or not planned:
+        st.progress(0.0, text="Starting: loading PyTorch, the model and the data…")
+    else:
+        st.progress(min(n / planned, 1.0), text=f"Sweeping: step {n} of at most {planned}")
 
 
 def _lr_find_body(run_dir: Path, status: dict, live: bool) -> None:
@@ -757,11 +800,7 @@ def _lr_find_body(run_dir: Path, status: dict, live: bool) -> None:
         _error_details(run_dir, view)
         return
     if state in runs.ACTIVE_STATES:
-        n = len(view.lr_points)
-        text = f"Sweeping: step {n}/{LR_FIND_STEPS}"
-        if state == runs.QUEUED and not n:
-            text = "Queued: waiting for the compute…"
-        st.progress(min(n / LR_FIND_STEPS, 1.0), text=text)
+        _sweep_progress(run_dir, state, view)
     result = load_lr_find(run_dir) if state == runs.DONE else None
     lrs = result.lrs if result else [p[0] for p in view.lr_points]
     losses = result.losses if result else [p[1] for p in view.lr_points]
@@ -770,8 +809,7 @@ def _lr_find_body(run_dir: Path, status: dict, live: bool) -> None:
         fig = charts.lr_find_figure(lrs, losses, suggestions, height=330, revision=run_dir.name)
         st.plotly_chart(fig, width="stretch", config={"displaylogo": False})
     if result and not live:
-        if not suggestions:
-            st.warning("The sweep was too short to suggest a rate; try a larger dataset or a smaller batch size.")
+        _sweep_outcome(result)
         names = [name for name in SUGGESTIONS if name in suggestions]
         cols = st.columns(2)
         for i, name in enumerate(names):
@@ -779,6 +817,17 @@ def _lr_find_body(run_dir: Path, status: dict, live: bool) -> None:
                                args=(suggestions[name],), width="stretch",
                                type="primary" if name == "valley" else "secondary")
         st.caption(f"Sweep `{run_dir.name}` · {_config_line(read_config(run_dir))}")
+
+
+def _sweep_outcome(result: LRFindResult) -> None:
+    """How the sweep ended, and a warning when no rate along it is worth training with."""
+    if result.planned and len(result.lrs) < result.planned:
+        st.caption(f"Stopped after {len(result.lrs)} of {result.planned} steps, at a rate of "
+                   f"{result.lrs[-1]:.1e}: the loss had clearly climbed, so higher rates could not change the answer.")
+    if not result.suggestions:
+        st.warning("The loss never fell clearly during the sweep, so no learning rate along it is worth suggesting. "
+                   "Keep the rate you have, or sweep again with a smaller batch size or more images.",
+                   icon=":material/trending_flat:")
 
 
 def _config_line(config: dict) -> str:
@@ -872,15 +921,16 @@ def _header(run_dir: Path, state: str, config: dict, live: bool) -> None:
             stopping = True
         if stopping:
             title.caption(":orange[Stopping at the end of the current batch…]")
-    elif state in (runs.STOPPED, runs.FAILED) and has_checkpoint(run_dir):
-        if buttons.button("Resume", key="train_resume", icon=":material/play_arrow:", width="stretch",
-                          help="Continue from the last checkpoint."):
-            try:
-                runs.start(run_dir, extra_args=["--resume"])
-            except (OSError, ValueError) as exc:
-                st.error(f"Could not resume the run: {exc}")
-                return
-            st.rerun()
+    elif state in (runs.STOPPED, runs.FAILED) and has_checkpoint(run_dir) and buttons.button(
+        "Resume", key="train_resume", icon=":material/play_arrow:", width="stretch",
+        help="Continue from the last checkpoint."
+    ):
+        try:
+            runs.start(run_dir, extra_args=["--resume"])
+        except (OSError, ValueError) as exc:
+            st.error(f"Could not resume the run: {exc}")
+            return
+        st.rerun()
 
 
 def stop_run(run_dir: Path) -> None:
