@@ -158,7 +158,7 @@ def cmd_lr_find(a: argparse.Namespace) -> int:
 
     run_dir = _prepare_run_dir(a)
     result = run_lr_find(run_dir, num_it=a.num_it, start_lr=a.start_lr, end_lr=a.end_lr)
-    print(f"LR finder: {len(result.lrs)} steps, curve in {run_dir / 'lr_find.json'}")
+    print(f"LR finder: {len(result.lrs)} of {result.planned} steps, curve in {run_dir / 'lr_find.json'}")
     for name, lr in result.suggestions.items():
         print(f"  {name:<8} {lr:.2e}")
     return 0
@@ -221,7 +221,8 @@ def parser() -> argparse.ArgumentParser:
 
     lrf = sub.add_parser("lr-find", help="sweep learning rates and print suggestions")
     _data_and_model_args(lrf)
-    lrf.add_argument("--num-it", type=int, default=100)
+    lrf.add_argument("--num-it", type=int, default=None,
+                     help="steps of the sweep (default: sized to the data, 40 to 100; it stops once the loss diverges)")
     lrf.add_argument("--start-lr", type=float, default=1e-7)
     lrf.add_argument("--end-lr", type=float, default=10.0)
     lrf.set_defaults(func=cmd_lr_find, resume=False)

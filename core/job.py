@@ -7,21 +7,24 @@ events.jsonl streams what happens, STOP asks for a clean stop. Nothing here assu
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
 import signal
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from core import distributed, interpret, runs
 from core.data import DataLoaders, ShardSampler, make_loader, path_text, source_from_record, source_record
+from core.env import resolve_device
 from core.fileio import atomic_write_json, read_json
 from core.images import DataError
-from core.lrfind import LRFindResult, lr_find
+from core.lrfind import LRFindResult, estimate_seconds, lr_find, measured_speed, sweep_steps
 from core.model import load_bundle
 from core.train import (
     BUNDLE,
@@ -316,9 +319,11 @@ def interpret_run(run_dir: str | Path, split: str = "valid"):
     return table
 
 
-def run_lr_find(run_dir: str | Path, num_it: int = 100, start_lr: float = 1e-7, end_lr: float = 10.0) -> LRFindResult:
+def run_lr_find(run_dir: str | Path, num_it: int | None = None, start_lr: float = 1e-7,
+                end_lr: float = 10.0) -> LRFindResult:
     """Sweep learning rates for the config in `run_dir`; the curve goes to events.jsonl and lr_find.json,
-    and status.json follows it (running, then done or failed) so a page can watch it like a training run."""
+    and status.json follows it (running, then done or failed) so a page can watch it like a training run.
+    `num_it` None sizes the sweep to the data (`sweep_steps`)."""
     run_dir = Path(run_dir)
     with runs.EventWriter(run_dir) as writer:
         try:
@@ -326,10 +331,13 @@ def run_lr_find(run_dir: str | Path, num_it: int = 100, start_lr: float = 1e-7, 
             with runs.acquire_compute_lock(run_dir.parent):
                 runs.mark_running(run_dir)
                 learner = Learner(load_config(run_dir), run_dir=run_dir)
-                on_step = lambda lr, loss: writer.emit("lr_find", lr=lr, loss=loss)  # noqa: E731
-                result = lr_find(learner, num_it, start_lr, end_lr, on_step=on_step)
+                steps = num_it or sweep_steps(len(learner.dls.train))
+                writer.emit("lr_find_start", steps=steps, n_batches=len(learner.dls.train), device=str(learner.device))
+                _warm_cache(learner, writer.emit)  # the training run after the sweep reads the same cache
+                result = lr_find(learner, steps, start_lr, end_lr,
+                                 on_step=lambda lr, loss: writer.emit("lr_find", lr=lr, loss=loss))
             atomic_write_json(run_dir / LR_FIND_FILE, result.to_dict())
-            writer.emit("lr_find_done", suggestions=result.suggestions)
+            writer.emit("lr_find_done", suggestions=result.suggestions, steps=len(result.lrs), planned=steps)
             runs.mark_finished(run_dir, runs.DONE, task="lr-find")
             return result
         except Exception as e:
@@ -337,6 +345,71 @@ def run_lr_find(run_dir: str | Path, num_it: int = 100, start_lr: float = 1e-7, 
             writer.emit("error", message=message, traceback=traceback.format_exc())
             runs.mark_finished(run_dir, runs.FAILED, error=message, task="lr-find")
             raise
+
+
+@dataclass
+class SweepEstimate:
+    """How long an LR-finder sweep will take, said before it starts."""
+
+    steps: int  # steps the sweep is sized for (it stops sooner once the loss diverges)
+    seconds: float  # start-up plus every step
+    measured_on: str | None  # the run whose step times the speed comes from; None: a rough guess for the device
+
+
+DEFAULT_SPEED = {"cuda": 5000.0, "mps": 1000.0}  # GFLOP/s guessed when no run has been timed on this machine
+CPU_SPEED_PER_THREAD = 10.0  # GFLOP/s per intra-op thread, the rough guess for a CPU
+DEFAULT_STARTUP = 15.0  # seconds: a process, PyTorch, the model and a check of the dataset
+RECENT_RUNS = 10  # runs looked at for a measured speed, newest first
+
+
+def estimate_sweep(cfg: TrainConfig, n_train: int, runs_root: str | Path, device: str = "cpu") -> SweepEstimate:
+    """The steps and seconds of a sweep for `cfg` on `n_train` training images: timed at the speed of the
+    newest run of this machine (preferring one of the same architecture), else at a rough guess for `device`."""
+    config = cfg.to_dict()
+    steps = sweep_steps(max(1, n_train // cfg.data.batch_size))
+    timed = _timed_runs(Path(runs_root))
+    same_arch = [t for t in timed if t[0].get("model", {}).get("arch") == cfg.model.arch]
+    measured = (same_arch or timed)[:1]
+    if measured:
+        _, speed, startup, run_id = measured[0]
+        return SweepEstimate(steps, estimate_seconds(config, steps, speed, startup or DEFAULT_STARTUP), run_id)
+    kind = resolve_device(device).type
+    speed = DEFAULT_SPEED.get(kind, CPU_SPEED_PER_THREAD * torch.get_num_threads())
+    return SweepEstimate(steps, estimate_seconds(config, steps, speed, DEFAULT_STARTUP), None)
+
+
+def _timed_runs(root: Path) -> list[tuple[dict, float, float | None, str]]:
+    """(config, GFLOP/s, start-up seconds of a sweep or None, run id) of the newest runs that timed steps."""
+    found = []
+    for info in runs.list_runs(root)[:RECENT_RUNS]:
+        events = _head_events(info["path"])
+        speed = measured_speed(info["config"], events) if info["config"] else None
+        if speed:
+            found.append((info["config"], speed, _sweep_startup(info["status"], events), info["id"]))
+    return found
+
+
+def _sweep_startup(status: dict, events: list[dict]) -> float | None:
+    """Seconds from a sweep's start to its first step: the process, PyTorch, the model, the data."""
+    began = status.get("started_at")
+    first = next((e.get("time") for e in events if e.get("event") == "lr_find"), None)
+    if isinstance(began, (int, float)) and isinstance(first, (int, float)) and first > began:
+        return first - began
+    return None
+
+
+def _head_events(run_dir: Path, limit: int = 64 * 1024) -> list[dict]:
+    """The events in the first `limit` bytes of a run's events.jsonl: enough steps to time, however long the run."""
+    try:
+        with open(run_dir / runs.EVENTS_FILE, "rb") as f:
+            lines = f.read(limit).split(b"\n")[:-1]  # the last piece may be cut short
+    except OSError:
+        return []
+    events = []
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            events.append(json.loads(line))
+    return events
 
 
 def load_lr_find(run_dir: str | Path) -> LRFindResult | None:

@@ -279,7 +279,7 @@ WEIGHTS_SUFFIXES = ("pth", "pt", "safetensors")
 def form_values(cfg: TrainConfig) -> dict[str, Any]:
     """The form's widget values (by key) that give back `cfg`; the inverse of `build_config`."""
     data, model = cfg.data, cfg.model
-    feedback = feedback_dataset()
+    feedback = feedback_dataset() if data.extra_train else None  # a look at the workspace only when it matters
     return {
         "train_arch": model.arch,
         "train_pretrained": model.pretrained,
