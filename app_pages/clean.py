@@ -52,7 +52,11 @@ tables = {s: t for s, t in (("valid", valid), ("train", run_table(run, "train"))
 # When the losses were computed: a file modified after that is skipped rather than changed blind.
 computed_at = min(interpret.table_path(run, s).stat().st_mtime for s in tables)
 marks: dict[str, str] = st.session_state.setdefault(MARKS_KEY, {})
-handled = clean.handled_in(datasets)
+try:  # the change log is read first: one that is a symbolic link is refused here, never followed
+    handled = clean.handled_in(datasets)
+except OSError as e:
+    st.error(f"The cleaner's change log of this dataset cannot be used: {e}.", icon=":material/block:")
+    st.stop()
 relabel_ok = clean.relabel_supported(layout) and not interpret.is_multi_label(valid)
 
 st.caption(f"Dataset `{root}` · run {run.name}. Images are ordered by loss, worst first. Mark what to change; "

@@ -41,6 +41,8 @@ STATE_DIR = ".loupe"
 LOG_FILE = "clean_log.jsonl"
 LOCK_FILE = "clean.lock"
 DELETE, RELABEL, UNDO = "delete", "relabel", "undo"
+UNDO_SKIPPED = "undo-skipped"  # logged for a change an undo could not reverse, so the next undo moves on
+MAX_NAME_BYTES = 255  # the longest file or folder name ext4, APFS, NTFS and most others allow
 ACTIONS = (DELETE, RELABEL)
 RELABEL_LAYOUTS = ("folders", "split_folders")
 MTIME_TOLERANCE = 1e-6  # seconds; mtimes written as floats lose a little precision in JSON
@@ -112,10 +114,6 @@ def trash_dir(root: str | os.PathLike) -> Path:
     return Path(root) / TRASH_DIR
 
 
-def log_path(root: str | os.PathLike) -> Path:
-    return Path(root) / STATE_DIR / LOG_FILE
-
-
 def relabel_supported(layout: str) -> bool:
     """Whether relabelling can be done by moving files (the label is a folder name)."""
     return layout in RELABEL_LAYOUTS
@@ -129,6 +127,9 @@ def label_problem(label: str | None) -> str | None:
         return f"class {label!r} cannot be a folder name (slashes, surrounding spaces)"
     if label in (".", "..") or label.startswith("."):
         return f"class {label!r} cannot be a folder name (hidden folders are not classes)"
+    size = len(label.encode("utf-8", "surrogateescape"))
+    if size > MAX_NAME_BYTES:
+        return f"class name is {size} bytes long, more than the {MAX_NAME_BYTES} a folder name may have"
     return None
 
 
@@ -175,8 +176,8 @@ def _target_for(
         return None, [problem]
     if not relabel_supported(layout):
         name = LAYOUT_NAMES.get(layout, layout)
-        return None, [f"relabelling is not supported yet for datasets with {name}: change the label there "
-                      f"(deleting works)"]
+        why = f"relabelling is not supported yet for datasets with {name}: change the label there (deleting works)"
+        return None, [why]
     class_level = 0 if layout == "folders" else 1  # split_folders: root/<split>/<class>/...
     if len(rel.parts) < class_level + 2:
         return None, [f"{rel.as_posix()} is not inside a class folder, so it cannot be moved to another one"]
@@ -322,7 +323,10 @@ def undo_last(dataset_root: str | os.PathLike) -> CleanResult:
 
     A file is restored only if it is still where the batch put it with the same sha256, and nothing now
     occupies its old path; otherwise it is skipped with the reason (and a later undo can try again).
-    The restores are logged as one batch of "undo" lines. Folders the batch created are removed once empty.
+    The restores are logged as one batch of "undo" lines. A file that cannot be put back (its trash folder
+    was removed by hand, say) is reported and logged as "undo-skipped", and stays where it is: the batch
+    counts as undone, so the next undo moves on to the batch before instead of retrying this one for ever.
+    Folders the batch created are removed once empty.
     """
     root = Path(os.path.realpath(dataset_root))
     with _locked(root):
@@ -344,6 +348,7 @@ def undo_last(dataset_root: str | os.PathLike) -> CleanResult:
                 _remove_empty_dirs(root, [root / d for d in entry.get("made_dirs", [])])
             else:
                 skipped.append(move)
+                _log(root, undo_batch, move, action=UNDO_SKIPPED)
     return CleanResult(applied, skipped, undo_batch if applied else None, undone=batch)
 
 
@@ -364,8 +369,8 @@ def _plan_undo(root: Path, entry: dict) -> PlannedMove:
 
 
 def _last_undoable(log: list[dict]) -> tuple[str | None, list[dict]]:
-    """The newest batch with changes not yet undone, and those changes in the order they were applied."""
-    undone = {(e.get("undoes"), e.get("target")) for e in log if e.get("action") == UNDO}
+    """The newest batch with changes not yet undone (nor given up by an undo), in the order they were applied."""
+    undone = {(e.get("undoes"), e.get("target")) for e in log if e.get("action") in (UNDO, UNDO_SKIPPED)}
     pending: dict[str, list[dict]] = {}
     for entry in log:
         if entry.get("action") in ACTIONS and (entry.get("batch"), entry.get("source")) not in undone:
@@ -458,12 +463,13 @@ def _remove_empty_dirs(root: Path, folders: Sequence[Path]) -> None:
 # ---------------------------------------------------------------- the log
 
 
-def _log(root: Path, batch: str, move: PlannedMove) -> None:
+def _log(root: Path, batch: str, move: PlannedMove, action: str | None = None) -> None:
+    """Append one line for `move` (logged as `action`, else its own) to the dataset's change log."""
     assert move.target is not None
     entry: dict[str, Any] = {
         "batch": batch,
         "time": time.time(),
-        "action": move.action,
+        "action": action or move.action,
         "source": move.source.relative_to(root).as_posix(),
         "target": move.target.relative_to(root).as_posix(),
         "new_label": move.new_label,
@@ -474,10 +480,10 @@ def _log(root: Path, batch: str, move: PlannedMove) -> None:
         entry["undoes"] = move.undoes
     if move.made_dirs:
         entry["made_dirs"] = [d.relative_to(root).as_posix() for d in move.made_dirs]
-    path = log_path(root)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if move.problems:
+        entry["reason"] = move.reason
     data = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = _open_own(root, LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     try:  # one O_APPEND write per line, flushed to disk: the log survives a crash right after a move
         while data:
             data = data[os.write(fd, data):]
@@ -487,11 +493,14 @@ def _log(root: Path, batch: str, move: PlannedMove) -> None:
 
 
 def read_log(dataset_root: str | os.PathLike) -> list[dict]:
-    """Every logged change of a dataset, oldest first (an unreadable line is skipped, never fatal)."""
+    """Every logged change of a dataset, oldest first (an unreadable line is skipped, never fatal).
+    OwnFileLinked when the log or its folder is a symbolic link."""
     try:
-        lines = log_path(os.path.realpath(dataset_root)).read_text(encoding="utf-8").splitlines()
+        fd = _open_own(Path(os.path.realpath(dataset_root)), LOG_FILE, os.O_RDONLY)
     except FileNotFoundError:
         return []
+    with open(fd, encoding="utf-8") as f:
+        lines = f.read().splitlines()
     entries = []
     for line in lines:
         try:
@@ -503,14 +512,44 @@ def read_log(dataset_root: str | os.PathLike) -> list[dict]:
     return entries
 
 
+class OwnFileLinked(OSError):
+    """Loupe's own folder or file inside a dataset (.loupe/...) is a symbolic link: never followed, refused."""
+
+
+def _open_own(root: Path, name: str, flags: int) -> int:
+    """os.open of root/.loupe/<name> following no symbolic link, neither .loupe nor the file: a link there could
+    make Loupe write into any file the server may write. The folder is made when `flags` create the file."""
+    folder = root / STATE_DIR
+    if flags & os.O_CREAT:
+        with contextlib.suppress(FileExistsError):  # a folder, or a link that the open below refuses
+            os.mkdir(folder)
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise _linked(e, folder) from None
+    try:
+        return os.open(name, flags | os.O_NOFOLLOW, 0o644, dir_fd=dir_fd)
+    except OSError as e:
+        raise _linked(e, folder / name) from None
+    finally:
+        os.close(dir_fd)
+
+
+def _linked(error: OSError, path: Path) -> OSError:
+    if error.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(path):
+        return OwnFileLinked(errno.ELOOP, f"{path} is a symbolic link; Loupe never reads or writes its own files "
+                                          "through a link. Remove the link (it holds none of your images)")
+    return error
+
+
 @contextlib.contextmanager
 def _locked(root: Path) -> Iterator[None]:
-    """One apply or undo at a time per dataset (two browser tabs, two users)."""
-    folder = root / STATE_DIR
-    folder.mkdir(exist_ok=True)
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    """One apply or undo at a time per dataset (two browser tabs, two users). Refuses (OwnFileLinked) before
+    anything moves when the lock, the log or their folder is a link, so every move can be logged."""
+    fd = _open_own(root, LOCK_FILE, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        os.close(_open_own(root, LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT))
         yield
     finally:
         os.close(fd)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -253,3 +254,65 @@ def test_relative_paths_and_a_symlinked_root_work(folders, tmp_path):
     result = apply_changes(link, [Change(Path("cat/cat_0.png"), "delete")], layout="folders")
     assert len(result.applied) == 1 and not (folders / "cat" / "cat_0.png").exists()
     assert undo_last(link).applied and (folders / "cat" / "cat_0.png").exists()
+
+
+# ---------------------------------------------------------------- issue 16: links, lost trash, long names
+
+
+@pytest.mark.parametrize("link", ["log", "lock", "folder"])
+def test_the_cleaner_never_reads_or_writes_through_a_symlinked_file_of_its_own(folders, tmp_path, link):
+    """.loupe/clean_log.jsonl (or the lock, or .loupe itself) replaced by a link to a file outside the dataset:
+    refused before anything moves, and the outside file keeps its bytes."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    outside = elsewhere / (clean.LOCK_FILE if link == "lock" else clean.LOG_FILE)
+    outside.write_text("someone else's file\n")
+    state = folders / clean.STATE_DIR
+    if link == "folder":
+        state.symlink_to(elsewhere, target_is_directory=True)
+    else:
+        state.mkdir()
+        (state / outside.name).symlink_to(outside)
+    before = hashes(folders)
+    with pytest.raises(clean.OwnFileLinked, match="symbolic link"):
+        apply_changes(folders, [Change(folders / "cat" / "cat_0.png", "delete")], layout="folders")
+    with pytest.raises(clean.OwnFileLinked):
+        undo_last(folders)
+    if link != "lock":
+        with pytest.raises(clean.OwnFileLinked):
+            read_log(folders)
+    assert outside.read_text() == "someone else's file\n"
+    assert hashes(folders) == before and not (folders / clean.TRASH_DIR).exists()
+
+
+def test_undo_reports_what_cannot_be_restored_and_moves_on_to_the_batch_before(folders):
+    start = hashes(folders)
+    first = apply_changes(folders, [Change(folders / "cat" / "cat_0.png", "delete")], layout="folders")
+    time.sleep(0.01)
+    second = apply_changes(folders, [Change(folders / "dog" / "dog_0.png", "delete"),
+                                     Change(folders / "fox" / "fox_0.png", "relabel", "cat")], layout="folders")
+    shutil.rmtree(folders / clean.TRASH_DIR / second.batch_id)  # emptied by hand
+
+    result = undo_last(folders)
+    assert result.undone == second.batch_id
+    assert [m.source.name for m in result.applied] == ["fox_0.png"]  # what can be undone is undone
+    assert len(result.skipped) == 1 and "no longer there" in result.skipped[0].reason
+    assert result.summary() == "Restored 1 file; skipped 1."
+    assert clean.undoable(folders)[0] == first.batch_id
+
+    result = undo_last(folders)
+    assert result.undone == first.batch_id and [m.source.name for m in result.applied] == ["cat_0.png"]
+    assert hashes(folders) == {k: v for k, v in start.items() if k != "dog/dog_0.png"}
+    assert undo_last(folders).undone is None
+    assert [e["action"] for e in read_log(folders)].count(clean.UNDO_SKIPPED) == 1
+
+
+def test_a_class_name_too_long_for_a_folder_is_refused_up_front(folders):
+    before = hashes(folders)
+    for label in ("x" * 256, "熊" * 86):  # 256 and 258 bytes
+        result = apply_changes(folders, [Change(folders / "cat" / "cat_0.png", "relabel", label)], layout="folders")
+        assert not result.applied and "bytes long" in result.skipped[0].reason
+    assert hashes(folders) == before and sorted(p.name for p in folders.iterdir()) == [".loupe", "cat", "dog", "fox"]
+    longest = "y" * 255
+    result = apply_changes(folders, [Change(folders / "cat" / "cat_0.png", "relabel", longest)], layout="folders")
+    assert result.applied and (folders / longest / "cat_0.png").is_file()
