@@ -1,34 +1,38 @@
 """Clean: review each class by loss, mark images to delete or relabel, apply in one step (with undo), retrain."""
 
 from __future__ import annotations
+
 from pathlib import Path
+
 import pandas as pd
 import streamlit as st
+
 from core import clean, interpret, runs
 from core.csvfile import csv_for_people
 from core.data import LAYOUT_NAMES
 from core.env import check_data_path
 from core.fileio import read_json
 from ui.cache import run_table
-from ui.gallery import grid, image_or_note, paginate, require_run_tables, reset_page
-from ui.state import set_run
 from ui.clean_view import (
-    PER_PAGE,
-    PAGE_KEY,
-    MARKS_KEY,
-    MARK_WIDGET,
-    RESULT_KEY,
-    KEEP,
     DELETE,
+    KEEP,
+    MARK_WIDGET,
+    MARKS_KEY,
+    PAGE_KEY,
+    PER_PAGE,
     RELABEL,
+    RESULT_KEY,
+    apply_marks,
+    clear_marks,
+    current_counts,
+    log_frame,
     mark_label,
     set_mark,
-    clear_marks,
     to_change,
-    apply_marks,
     undo,
-    log_frame,
 )
+from ui.gallery import grid, image_or_note, paginate, require_run_tables
+from ui.state import set_run
 
 st.title("Clean")
 run, valid = require_run_tables()
@@ -95,11 +99,10 @@ if changes:
 
 # ---------------------------------------------------------------- pick a class and split, mark images
 with st.container(horizontal=True, gap="medium", vertical_alignment="bottom"):
-    split = st.segmented_control("Split", list(tables), default="valid", required=True, key="clean_split",
-                                 on_change=reset_page, args=(PAGE_KEY,))
-    counts = tables[split]["actual"].value_counts()
-    label = st.selectbox("Class (actual label)", vocab, key="clean_class", on_change=reset_page, args=(PAGE_KEY,),
-                         format_func=lambda c: f"{c} ({counts.get(c, 0)})", width=260)
+    split = st.segmented_control("Split", list(tables), default="valid", required=True, key="clean_split")
+    counts = current_counts(tables[split], handled)
+    label = st.selectbox("Class (actual label)", vocab, key="clean_class", width=260,
+                         format_func=lambda c: f"{c} ({counts.get(c, 0)})")
 rows = interpret.top_losses(tables[split], split=split, actual=label)
 
 
@@ -130,7 +133,7 @@ if rows.empty:
     st.info(f"No {split} images of class {label}.")
 else:
     gallery_slot = st.container()
-    shown = paginate(len(rows), PER_PAGE, PAGE_KEY)
+    shown = paginate(len(rows), PER_PAGE, PAGE_KEY, scope=(run.name, split, label))
     with gallery_slot:
         grid([rows.iloc[i] for i in shown], cell)
 

@@ -9,7 +9,7 @@ import streamlit as st
 
 from core import interpret
 from ui.cache import run_table
-from ui.gallery import grid, image_or_note, loss_caption, paginate, require_run_tables, reset_page
+from ui.gallery import grid, image_or_note, loss_caption, paginate, require_run_tables
 
 PER_PAGE = 12
 PAGE_KEY = "interpret_page"
@@ -25,10 +25,10 @@ def confusion_figure(cm: np.ndarray, vocab: list[str], normalised: bool) -> go.F
         hovertemplate="actual %{y}<br>predicted %{x}<br>%{text}<extra></extra>",
     ))
     side = min(900, 200 + 80 * len(vocab))
-    fig.update_layout(height=side, margin=dict(l=10, r=10, t=10, b=10),
-                      xaxis=dict(title="Predicted", side="bottom", tickangle=-45 if len(vocab) > 8 else 0,
-                                 constrain="domain"),
-                      yaxis=dict(title="Actual", autorange="reversed", scaleanchor="x", constrain="domain"))
+    fig.update_layout(height=side, margin={"l": 10, "r": 10, "t": 10, "b": 10},
+                      xaxis={"title": "Predicted", "side": "bottom", "tickangle": -45 if len(vocab) > 8 else 0,
+                                 "constrain": "domain"},
+                      yaxis={"title": "Actual", "autorange": "reversed", "scaleanchor": "x", "constrain": "domain"})
     return fig
 
 
@@ -38,8 +38,8 @@ def label_counts_figure(mc: pd.DataFrame) -> go.Figure:
     for col, colour, name in (("tp", "#2b8a3e", "true positive"), ("fn", "#e8590c", "missed (fn)"),
                               ("fp", "#c92a2a", "false alarm (fp)")):
         fig.add_bar(x=mc.index, y=mc[col], name=name, marker_color=colour)
-    fig.update_layout(barmode="stack", height=360, margin=dict(l=10, r=10, t=10, b=10),
-                      legend=dict(orientation="h", y=1.08))
+    fig.update_layout(barmode="stack", height=360, margin={"l": 10, "r": 10, "t": 10, "b": 10},
+                      legend={"orientation": "h", "y": 1.08})
     return fig
 
 
@@ -93,14 +93,10 @@ st.subheader("Top losses")
 tables = {"valid": valid, "train": run_table(run, "train")}
 splits = [s for s, t in tables.items() if t is not None]
 with st.container(horizontal=True, gap="medium", vertical_alignment="bottom"):
-    split = st.segmented_control("Split", splits, default="valid", required=True, key="interpret_split",
-                                 on_change=reset_page, args=(PAGE_KEY,))
-    actual = st.selectbox("Actual class", [ALL, *vocab], key="interpret_actual", on_change=reset_page,
-                          args=(PAGE_KEY,), width=220)
-    predicted = st.selectbox("Predicted class", [ALL, *vocab], key="interpret_predicted", on_change=reset_page,
-                             args=(PAGE_KEY,), width=220)
-    only_wrong = st.toggle("Only wrong predictions", key="interpret_only_wrong", on_change=reset_page,
-                           args=(PAGE_KEY,))
+    split = st.segmented_control("Split", splits, default="valid", required=True, key="interpret_split")
+    actual = st.selectbox("Actual class", [ALL, *vocab], key="interpret_actual", width=220)
+    predicted = st.selectbox("Predicted class", [ALL, *vocab], key="interpret_predicted", width=220)
+    only_wrong = st.toggle("Only wrong predictions", key="interpret_only_wrong")
 
 losses = interpret.top_losses(tables[split], split=split, actual=None if actual == ALL else actual,
                               predicted=None if predicted == ALL else predicted, only_wrong=only_wrong)
@@ -110,7 +106,7 @@ if losses.empty:
     st.info("No image matches these filters.")
 else:
     gallery_slot = st.container()
-    shown = paginate(len(losses), PER_PAGE, PAGE_KEY)
+    shown = paginate(len(losses), PER_PAGE, PAGE_KEY, scope=(run.name, split, actual, predicted, only_wrong))
 
     def cell(row: pd.Series) -> None:
         image_or_note(row["file"])

@@ -48,6 +48,12 @@ def mark_boxes(at: AppTest) -> list:
     return [s for s in at.selectbox if s.key and s.key.startswith("clean_mark:")]
 
 
+def class_counts(at: AppTest) -> dict[str, int]:
+    """The class menu's "circle (7)" options as {"circle": 7}."""
+    options = [o.rsplit(" (", 1) for o in at.selectbox(key="clean_class").options]
+    return {name: int(count.rstrip(")")) for name, count in options}
+
+
 def staged_line(at: AppTest) -> str:
     return next(m.value for m in at.markdown if "to delete" in m.value)
 
@@ -78,6 +84,7 @@ def test_mark_switch_apply_undo(home, monkeypatch):
 
     first, second = mark_boxes(at)[:2]
     doomed, moved = Path(first.key.split(":", 1)[1]), Path(second.key.split(":", 1)[1])
+    before_counts = class_counts(at)
     first.set_value(clean.DELETE).run()
     mark_boxes(at)[1].set_value("relabel:triangle").run()
     assert not at.exception and staged_line(at).startswith("**1** to delete, **1** to relabel")
@@ -102,6 +109,9 @@ def test_mark_switch_apply_undo(home, monkeypatch):
     log = clean.read_log(root)
     assert sorted(e["action"] for e in log) == ["delete", "relabel"]
     assert any("Applied" in s.value for s in at.success)
+    # The class menu counts what the folders hold now: one circle deleted, one moved to triangle.
+    assert class_counts(at) == {**before_counts, "circle": before_counts["circle"] - 2,
+                                "triangle": before_counts["triangle"] + 1}
     assert staged_line(at).startswith("**0** to delete, **0** to relabel")
     # The table still lists the old paths: they show as handled, without a mark to set.
     assert any("In the trash" in c.value for c in at.caption)
@@ -112,6 +122,7 @@ def test_mark_switch_apply_undo(home, monkeypatch):
     assert not at.exception
     assert dataset_hashes(root) == before
     assert any("Restored" in s.value for s in at.success)
+    assert class_counts(at) == before_counts
     assert at.button(key="clean_undo").disabled
 
 

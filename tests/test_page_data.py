@@ -314,3 +314,12 @@ def test_bears_photos_show_three_classes(at: AppTest):
     assert names == ["black", "grizzly", "teddys"]
     assert len(gallery_captions(at)) == 24
     assert not at.error
+
+
+def test_a_long_file_name_is_shortened_under_its_image_and_whole_on_hover(at: AppTest, tmp_path: Path, write_image):
+    long_name = "10300235b6c6a1a5cc0b5f2e4b3ff7f7a5c608f9.jpg"
+    classes(tmp_path / "data", {"cat": 3, "dog": 3}, write_image)
+    write_image(tmp_path / "data" / "cat" / long_name, size=16)
+    open_folder(at, tmp_path / "data")
+    (caption,) = [c for c in at.get("grid")[0].caption if c.proto.help == long_name]  # the whole name on hover
+    assert "…" in caption.value and len(caption.value) < len(long_name)

@@ -1,12 +1,15 @@
 """The Clean page's pieces: marks kept across class and split changes, apply / undo, image cells."""
 
 from __future__ import annotations
+
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
+
 import pandas as pd
 import streamlit as st
-from core import clean
 
+from core import clean
 
 PER_PAGE = 24  # fills 4, 6 or 8 columns evenly
 PAGE_KEY = "clean_page"
@@ -45,6 +48,19 @@ def clear_marks() -> None:
     st.session_state[MARKS_KEY].clear()
     for key in [k for k in st.session_state if str(k).startswith(MARK_WIDGET)]:
         del st.session_state[key]  # the selectboxes on screen go back to Keep too
+
+
+def current_counts(table: pd.DataFrame, handled: dict[Path, dict]) -> Counter:
+    """Images per class as the dataset is now, not as the run's table saw it: an image applied to the trash no
+    longer counts, a moved one counts for its new class (`handled` is core.clean.handled_in's answer)."""
+    counts: Counter = Counter()
+    for file, actual in zip(table["file"], table["actual"]):
+        done = handled.get(Path(file))
+        if done is None:
+            counts[actual] += 1
+        elif done["action"] == clean.RELABEL:
+            counts[done.get("new_label")] += 1
+    return counts
 
 
 def to_change(file: str, mark: str, computed_at: float) -> clean.Change:

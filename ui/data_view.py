@@ -543,7 +543,7 @@ def render_gallery(source: DataSource, split: Split) -> None:
         for i in shown:
             with cells.cell():
                 gallery.image_or_note(source.files[i], note="Moved or changed since the check")
-                st.caption(_short(path_text(source.files[i].stem), 16))
+                st.caption(_short(path_text(source.files[i].stem), 16), help=path_text(source.files[i].name))
 
 
 def render_problems(source: DataSource, bad: list[BadImage]) -> None:

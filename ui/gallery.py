@@ -43,21 +43,18 @@ def square_thumb(path: str | Path, size: int = THUMB_SIZE) -> bytes | None:
     return None if data is None else _square(data, size)
 
 
-def paginate(n_items: int, per_page: int, key: str) -> range:
+def paginate(n_items: int, per_page: int, key: str, scope: Sequence[Any] = ()) -> range:
     """A pager under the caller's grid; returns the row positions of the page shown.
 
-    The pager is drawn only when there is more than one page. Reset it (e.g. when a filter changes) with
-    `reset_page(key)`.
+    The pager is drawn only when there is more than one page. `scope` holds what the grid shows (the filters):
+    each scope gets a pager of its own, so changing a filter starts on page 1. (Setting the page through
+    st.session_state instead would make Streamlit warn that the widget also has a default value.)
     """
     n_pages = max(1, math.ceil(n_items / per_page))
-    page = st.pagination(n_pages, key=key) if n_pages > 1 else 1
+    pager_key = ":".join([key, *map(str, scope)])
+    page = st.pagination(n_pages, key=pager_key) if n_pages > 1 else 1
     start = (page - 1) * per_page
     return range(start, min(start + per_page, n_items))
-
-
-def reset_page(key: str) -> None:
-    """on_change callback for filters: back to the first page of a pager."""
-    st.session_state[key] = 1
 
 
 def grid(rows: Sequence[Any], render: Callable[[Any], None], columns: int = 6) -> None:
