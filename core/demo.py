@@ -12,6 +12,7 @@ import json
 import math
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,8 @@ class DemoSpec:
     size: int = 64  # side of each square image, in pixels
     mislabel_frac: float = 0.05  # share of images moved to a wrong class folder
     seed: int = 0  # same seed, same dataset
+    colours: dict[str, tuple[int, int, int]] | None = None  # base colour per shape, overriding SHAPE_COLOURS:
+    # shapes given one colour are told apart by their outline alone (look-alike classes)
 
 
 def _polygon(kind: str, cx: float, cy: float, r: float, turn: float) -> list[tuple[float, float]]:
@@ -56,8 +59,9 @@ def _polygon(kind: str, cx: float, cy: float, r: float, turn: float) -> list[tup
     ]
 
 
-def draw_shape(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
-    """One image of a `kind` shape (one of SHAPE_COLOURS) on a noisy background."""
+def draw_shape(kind: str, size: int, rng: np.random.Generator, base: Sequence[int] | None = None) -> Image.Image:
+    """One image of a `kind` shape (one of SHAPE_COLOURS) on a noisy background, in `base` colour
+    (default: the shape's own) with some jitter."""
     background = rng.integers(0, 90, size=3)
     noise = rng.normal(0, 12, size=(size, size, 3))
     pixels = np.clip(background + noise, 0, 255).astype(np.uint8)
@@ -65,7 +69,7 @@ def draw_shape(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
     draw = ImageDraw.Draw(img)
     r = rng.uniform(0.18, 0.38) * size
     cx, cy = rng.uniform(r, size - r, size=2)
-    colour = tuple(int(c) for c in np.clip(np.array(SHAPE_COLOURS[kind]) + rng.integers(-40, 41, size=3), 0, 255))
+    colour = tuple(int(c) for c in np.clip(np.array(base or SHAPE_COLOURS[kind]) + rng.integers(-40, 41, size=3), 0, 255))
     if kind == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
     elif kind == "cross":
@@ -99,7 +103,7 @@ def make_demo_dataset(root: str | Path, spec: DemoSpec | None = None) -> Path:
                     label = str(rng.choice([c for c in spec.classes if c != kind]))
                 name = f"{kind}_{i:04d}.png"
                 (staging / label).mkdir(exist_ok=True)
-                draw_shape(kind, spec.size, rng).save(staging / label / name)
+                draw_shape(kind, spec.size, rng, (spec.colours or {}).get(kind)).save(staging / label / name)
                 if label != kind:
                     mislabelled.append(f"{label}/{name}")
         (staging / MISLABELLED_RECORD).write_text(json.dumps(mislabelled, indent=2))

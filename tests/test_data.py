@@ -6,6 +6,7 @@ import os
 import struct
 import time
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from core.data import (
     prepare,
     split_items,
 )
-from core.demo import DemoSpec, make_demo_dataset, mislabelled_files
+from core.demo import SHAPE_COLOURS, DemoSpec, make_demo_dataset, mislabelled_files
 from core.images import check_image, open_image, verify_images
 
 BEARS = Path(__file__).resolve().parents[2] / "shared" / "data" / "bears"
@@ -488,6 +489,26 @@ def test_demo_dataset_is_deterministic_by_seed(tmp_path):
     a = _contents(make_demo_dataset(tmp_path / "a", spec))
     assert a == _contents(make_demo_dataset(tmp_path / "b", spec))
     assert a != _contents(make_demo_dataset(tmp_path / "c", DemoSpec(n_per_class=4, size=8, seed=8)))
+
+
+def _shape_colour(path: Path) -> np.ndarray:
+    """Mean colour of the pixels bright enough to be the shape (the background stays below about 130)."""
+    pixels = np.asarray(Image.open(path).convert("RGB"), dtype=float).reshape(-1, 3)
+    return pixels[pixels.max(axis=1) > 150].mean(axis=0)
+
+
+def test_demo_colours_make_look_alike_shapes(tmp_path):
+    # squares are green by default; drawn in the circle's red they differ from circles by outline alone
+    spec = DemoSpec(classes=("circle", "square"), n_per_class=6, size=32, mislabel_frac=0.0, seed=2,
+                    colours={"square": SHAPE_COLOURS["circle"]})
+    root = make_demo_dataset(tmp_path / "pairs", spec)
+    default = make_demo_dataset(tmp_path / "plain", replace(spec, colours=None))
+    for f in list_images(root / "square"):
+        red, green, _ = _shape_colour(f)
+        assert red > green + 60, f
+    for f in list_images(default / "square"):
+        red, green, _ = _shape_colour(f)
+        assert green > red + 60, f
 
 
 def test_demo_dataset_refuses_a_non_empty_folder(tmp_path):
