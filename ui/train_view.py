@@ -405,9 +405,6 @@ def config_form(selected: Path | None = None, facts: DataFacts | None = None) ->
                          "at a new image size (progressive resizing: 128 px first, then 224 px from that model) or "
                          "with more data. With the same classes the whole model carries over, else its body.",
                     **keep)
-        if continuing:
-            st.caption(f"Starts from the model of run `{source.name}` ({st.session_state['train_arch']}, "
-                       "its architecture and head).")
     _more_options(keep)
     values = {key: st.session_state[key] for key in FORM_DEFAULTS}
     return values | {"init_from": str(source) if continuing else None, "extra_train": extra_train}
@@ -441,7 +438,8 @@ def _more_options(keep: dict[str, str]) -> None:
 def _weights_line(arch: str, source: Path | None) -> None:
     """One line on where the starting weights come from, so the defaults explain themselves."""
     if source is not None:
-        st.caption(f":material/history: The weights come from run `{source.name}`.")
+        st.caption(f":material/history: Starts from the model of run `{source.name}`: its weights, and so its "
+                   "architecture and head.")
     elif pretrained_available(arch):
         st.caption(f":material/check_circle: The ImageNet weights for {arch} are on this machine, so the defaults "
                    "fine-tune them: *Pretrained* with *fine_tune*.")
@@ -522,6 +520,7 @@ def _feedback_option(facts: DataFacts | None) -> list[str]:
     help_text = ("Images marked as wrongly predicted on **Predict** are kept with their right label. They join the "
                  "training side only, so the validation images stay those of earlier runs.")
     if not counts:
+        st.session_state[FEEDBACK_KEY] = False  # a run that added feedback since deleted: nothing to add now
         st.checkbox("Add Predict's feedback images", key=FEEDBACK_KEY, disabled=True,
                     help=help_text + " None yet.")
         return []
