@@ -5,15 +5,22 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
+MIN_FREE_MB_ENV = "LOUPE_MIN_FREE_MB"
+DEFAULT_MIN_FREE_MB = 500  # checkpoints, the bundle and the tables of a resnet34 run stay well below this
 
 
 def resolve_device(name: str = "auto") -> torch.device:
     """Turn a device name into a torch.device; "auto" prefers CUDA, then Apple's MPS, then the CPU."""
+    import torch  # here, not at the top: paths and limits (uploads, the Data page's checks) need no torch
+
     if name not in DEVICE_CHOICES and not name.startswith("cuda:"):
         raise ValueError(f"Unknown device {name!r}; choose one of {', '.join(DEVICE_CHOICES)}.")
     if name == "auto":
@@ -31,6 +38,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def describe_device(device: torch.device) -> str:
     """A one-line human description, e.g. 'NVIDIA H100 (79 GB)' or 'CPU (2 threads)'."""
+    import torch
+
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         return f"{props.name} ({props.total_memory / 2**30:.0f} GB)"
@@ -41,6 +50,8 @@ def describe_device(device: torch.device) -> str:
 
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch; return a torch.Generator seeded the same for samplers and splits."""
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -85,6 +96,16 @@ def check_data_path(path: str | os.PathLike) -> Path:
         return resolved
     allowed = ", ".join(f"`{root}`" for root in roots)
     raise ValueError(f"`{path}` is outside the folders this server may read: {allowed}.")
+
+
+def min_free_mb() -> float:
+    """Free space, in MB, the workspace's disk must keep: a run needs it to start, and an unpacked upload may
+    not eat into it ($LOUPE_MIN_FREE_MB, else 500)."""
+    value = os.environ.get(MIN_FREE_MB_ENV, "")
+    try:
+        return float(value) if value.strip() else DEFAULT_MIN_FREE_MB
+    except ValueError:
+        raise ValueError(f"{MIN_FREE_MB_ENV} must be a number of megabytes, not {value!r}.") from None
 
 
 def runs_dir() -> Path:

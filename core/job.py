@@ -21,7 +21,7 @@ import torch
 
 from core import distributed, interpret, runs
 from core.data import DataLoaders, ShardSampler, make_loader, path_text, source_from_record, source_record
-from core.env import resolve_device
+from core.env import MIN_FREE_MB_ENV, min_free_mb, resolve_device
 from core.fileio import atomic_write_json, read_json
 from core.images import DataError
 from core.lrfind import LRFindResult, estimate_seconds, lr_find, measured_speed, sweep_steps
@@ -39,22 +39,11 @@ from core.train import (
 
 DATASET_RECORD = "dataset.json"
 LR_FIND_FILE = "lr_find.json"
-MIN_FREE_MB_ENV = "LOUPE_MIN_FREE_MB"
-DEFAULT_MIN_FREE_MB = 500  # checkpoints, the bundle and the tables of a resnet34 run stay well below this
 SKIPPED_LISTED = 20  # file names a "skipped" event lists; the count covers the rest
 
 
 class RunDirError(DataError):
     """The run directory cannot hold a run (not a folder, not writable, too little free space)."""
-
-
-def min_free_mb() -> float:
-    """Free space, in MB, a run directory's disk must have before a run starts ($LOUPE_MIN_FREE_MB, else 500)."""
-    value = os.environ.get(MIN_FREE_MB_ENV, "")
-    try:
-        return float(value) if value.strip() else DEFAULT_MIN_FREE_MB
-    except ValueError:
-        raise RunDirError(f"{MIN_FREE_MB_ENV} must be a number of megabytes, not {value!r}.") from None
 
 
 def check_run_dir(run_dir: str | Path) -> None:

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import io
+import os
+import shutil
 import stat
 import struct
+import subprocess
+import sys
+import tempfile
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from core.uploads import UploadError, extract_zip, folder_name
+from core.uploads import UploadError, extract_zip, folder_name, remove_abandoned
+
+REPO = Path(__file__).resolve().parents[1]
 
 CENTRAL = b"PK\x01\x02"
 LOCAL = b"PK\x03\x04"
@@ -179,3 +187,84 @@ def test_empty_zip_is_refused(dest: Path):
     with pytest.raises(UploadError, match="no files"):
         extract_zip(io.BytesIO(make_zip({"__MACOSX/._x": b"", ".hidden": b"x"})), dest, "empty")
     assert everything_under(dest) == []
+
+
+# ---------------------------------------------------------------- issue 16: bombs, huge directories, kill -9
+
+
+def zeros_zip(mb: int, extra: dict[str, bytes] | None = None) -> bytes:
+    """One entry of `mb` MB of zeros (deflated to a few hundred KB), plus `extra` entries stored as they are."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        with zf.open("c/zeros.bmp", "w") as f:
+            for _ in range(mb):
+                f.write(bytes(2**20))
+        for name, data in (extra or {}).items():
+            zf.writestr(name, data, compress_type=zipfile.ZIP_STORED)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("extra_mb", [0, 5], ids=["whole-zip", "one-entry"])
+def test_a_zip_bomb_is_refused_by_its_compression_ratio_before_writing(dest: Path, extra_mb: int):
+    """120 MB of zeros from a few hundred KB; with 5 MB of incompressible photos beside it the whole zip
+    compresses only 20 times, so the bomb entry must be caught on its own."""
+    data = zeros_zip(120, {"c/photo.jpg": os.urandom(extra_mb * 2**20)} if extra_mb else None)
+    with pytest.raises(UploadError, match="looks like a zip bomb"):
+        extract_zip(io.BytesIO(data), dest, "bomb")
+    assert everything_under(dest) == []
+
+
+def test_a_zip_larger_than_the_free_space_is_refused_before_writing(dest: Path, monkeypatch):
+    free_mb = shutil.disk_usage(dest).free / 2**20
+    monkeypatch.setenv("LOUPE_MIN_FREE_MB", str(free_mb))  # the workspace keeps all of it for runs
+    with pytest.raises(UploadError, match="Free some space first"):
+        extract_zip(io.BytesIO(make_zip({"c/a.png": b"x" * 4096})), dest, "full")
+    assert everything_under(dest) == []
+
+
+def test_the_file_count_is_checked_before_zipfile_reads_the_directory(dest: Path):
+    """Entry 120's directory record is broken: zipfile would stop there with "damaged", so refusing with the
+    count shows it was taken from the raw directory first (as two million entries are, without 1 GB of objects)."""
+    data = bytearray(make_zip({f"c/{i}.png": b"x" for i in range(200)}, zipfile.ZIP_STORED))
+    at = -1
+    for _ in range(121):
+        at = data.find(CENTRAL, at + 1)
+    data[at : at + 4] = b"XXXX"
+    with pytest.raises(UploadError, match="holds 120 files, more than the 100 allowed"):
+        extract_zip(io.BytesIO(bytes(data)), dest, "many", max_files=100)
+    assert everything_under(dest) == []
+    big_directory = make_zip({f"c/{'n' * 200}{i}.png": b"" for i in range(40)}, zipfile.ZIP_STORED)
+    with pytest.raises(UploadError, match="list of files alone"):  # 40 entries of 250 bytes each: over 512 x 10
+        extract_zip(io.BytesIO(big_directory), dest, "long", max_files=10)
+
+
+def test_an_extraction_killed_half_way_is_cleaned_up_and_a_live_one_is_not(tmp_path: Path, dest: Path):
+    big = tmp_path / "big.zip"
+    photo = os.urandom(32 * 2**10)
+    with zipfile.ZipFile(big, "w", zipfile.ZIP_STORED) as zf:
+        for i in range(3000):  # about a second of unpacking: long enough to be killed in the middle
+            zf.writestr(f"c/{i}.jpg", photo)
+    code = f"from pathlib import Path; from core.uploads import extract_zip; extract_zip({str(big)!r}, Path({str(dest)!r}), 'big')"
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while not [p for p in dest.glob(".big.unpacking-*/c/*.jpg")]:
+            assert child.poll() is None and time.monotonic() < deadline, "the extraction never started"
+            time.sleep(0.01)
+        child.kill()  # kill -9 mid-extraction
+    finally:
+        child.wait()
+    (abandoned,) = dest.glob(".big.unpacking-*")
+    live = Path(tempfile.mkdtemp(dir=dest, prefix=f".other.unpacking-{os.getpid()}-"))  # this process: alive
+    old = dest / ".older.unpacking-k2j4"  # from a Loupe that did not record pids: removed once an hour old
+    old.mkdir()
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    recent = dest / ".recent.unpacking-x9z1"
+    recent.mkdir()
+
+    assert sorted(remove_abandoned(dest)) == sorted([abandoned, old])
+    assert sorted(p.name for p in dest.iterdir()) == sorted([live.name, recent.name])
+    live.rmdir()
+    recent.rmdir()
+    extract_zip(io.BytesIO(make_zip({"c/a.png": b"a"})), dest, "next")  # every extraction cleans up first, too
+    assert sorted(p.name for p in dest.iterdir()) == ["next"]

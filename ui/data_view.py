@@ -26,7 +26,7 @@ from core.data import DataConfig, DataSource, Split, path_text
 from core.demo import DemoSpec, make_demo_dataset
 from core.env import check_data_path, workspace_dir
 from core.images import BadImage, open_image
-from core.uploads import UploadError, extract_zip
+from core.uploads import UploadError, extract_zip, remove_abandoned
 from ui import gallery
 from ui.state import demo_path, recent_datasets, set_dataset
 
@@ -116,6 +116,7 @@ def _open_recent() -> None:
 
 
 def _open_upload() -> None:
+    remove_abandoned(workspace_dir() / "datasets")  # unpacking killed half-way (kill -9, a crash) left these
     limit_mb = int(st.get_option("server.maxUploadSize"))
     upload = st.file_uploader(
         "A zip of a dataset folder",
