@@ -9,7 +9,7 @@ import streamlit as st
 
 from core import interpret
 from ui.cache import run_table
-from ui.gallery import grid, image_or_note, loss_caption, paginate, require_run_tables
+from ui.gallery import grid, image_or_note, loss_caption, paginate, refuse_outside_roots, require_run_tables
 
 PER_PAGE = 12
 PAGE_KEY = "interpret_page"
@@ -45,6 +45,7 @@ def label_counts_figure(mc: pd.DataFrame) -> go.Figure:
 
 st.title("Interpret")
 run, valid = require_run_tables()
+refuse_outside_roots(run, "shown")
 vocab: list[str] = list(valid.attrs["vocab"])
 multi = interpret.is_multi_label(valid)
 wrong = int((~valid["correct"]).sum())

@@ -34,7 +34,7 @@ from typing import Any
 
 from core.data import LAYOUT_NAMES
 from core.fileio import read_json
-from core.runs import CONFIG_FILE
+from core.runs import CONFIG_FILE, config_problem
 
 TRASH_DIR = ".trash"
 STATE_DIR = ".loupe"
@@ -572,6 +572,9 @@ def run_datasets(run_dir: str | os.PathLike) -> list[Dataset]:
 
     record = read_json(Path(run_dir) / DATASET_RECORD)
     config = read_json(Path(run_dir) / CONFIG_FILE)
+    problem = config_problem(config) if isinstance(config, dict) else f"{CONFIG_FILE} does not hold a JSON object"
+    if problem:
+        raise ValueError(problem)
     extra = (config.get("data") or {}).get("extra_train") or []
     return [Dataset(Path(record["root"]), record["layout"])] + [
         Dataset(Path(p).expanduser().resolve(), "folders") for p in extra

@@ -606,6 +606,31 @@ def _summary(run_dir: Path, current: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def config_problem(config: dict[str, Any]) -> str | None:
+    """Why a run's config.json cannot be shown: a field of TrainConfig holding another kind of JSON value than
+    TrainConfig's own (`"data": "oops"`, a text where a number belongs); None when every known field fits.
+    Pages read these fields without checking each, so one odd run must be caught here, once."""
+    from core.train import TrainConfig  # lazy: core.train imports torch
+
+    return _shape_problem(config, asdict(TrainConfig()), "")
+
+
+def _shape_problem(values: dict[str, Any], defaults: dict[str, Any], where: str) -> str | None:
+    for name, default in defaults.items():
+        value = values.get(name)
+        if value is None or default is None:  # absent, or optional: pages treat None as "not set"
+            continue
+        kind = dict if isinstance(default, dict) else (int, float) if isinstance(default, float) else type(default)
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            wanted = {dict: "a JSON object", list: "a list", str: "text", bool: "true or false"}.get(kind, "a number")
+            return f"{CONFIG_FILE}: {where}{name!r} should be {wanted}, not {json.dumps(value)[:40]}"
+        if kind is dict:
+            problem = _shape_problem(value, default, f"{where}{name}.")
+            if problem:
+                return problem
+    return None
+
+
 def _describe(run_dir: Path) -> dict[str, Any]:
     problems: list[str] = []
     config: dict[str, Any] = {}
@@ -615,6 +640,9 @@ def _describe(run_dir: Path) -> dict[str, Any]:
         if not isinstance(config, dict):
             config = {}
             problems.append(f"{CONFIG_FILE} does not hold a JSON object")
+        elif problem := config_problem(config):
+            config = {}  # pages read the config without checking it: an odd one must not reach them
+            problems.append(problem)
     except (OSError, ValueError) as exc:
         problems.append(f"{CONFIG_FILE}: {exc}")
     try:

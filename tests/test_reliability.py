@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_config as conftest_tiny_config
+from conftest import train_tiny_run
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
@@ -619,3 +622,61 @@ def test_predict_and_cleaner_csvs_escape_formulas_and_streamlit_table_export_is_
 
     config = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
     assert config["client"]["disableDataExport"] is True  # Streamlit's table download cannot escape cells
+
+
+# ---------------------------------------------------------------- issue 16: odd runs and odd logs on the pages
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A workspace with one finished tiny run (demo shapes, 32 px, one epoch), trained once for these tests."""
+    base = tmp_path_factory.mktemp("issue16")
+    dataset = make_demo_dataset(base / "shapes", DemoSpec(n_per_class=6, size=32, seed=2))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOUPE_HOME", str(base / "home"))
+        run = train_tiny_run(conftest_tiny_config(dataset), base / "home" / "runs")
+    return {"home": base / "home", "dataset": dataset, "run": run}
+
+
+@pytest.fixture
+def odd_run(finished: dict[str, Path], monkeypatch: pytest.MonkeyPatch):
+    """The finished run plus, newer, a run folder whose config.json holds "data": "oops" (a valid status.json)."""
+    monkeypatch.setenv("LOUPE_HOME", str(finished["home"]))
+    odd = runs.create({"data": "oops", "model": {"arch": 5}, "epochs": 1}, root=finished["home"] / "runs")
+    yield odd
+    shutil.rmtree(odd)
+
+
+@pytest.mark.parametrize("page", ["app_pages/runs.py", "app_pages/predict.py", "app_pages/train.py",
+                                  "app_pages/interpret.py", "app_pages/clean.py", "app_pages/data.py"])
+def test_one_odd_run_breaks_no_page(odd_run: Path, finished: dict[str, Path], page: str):
+    listing = {info["id"]: info for info in runs.list_runs(finished["home"] / "runs")}
+    assert listing[odd_run.name]["state"] == runs.UNREADABLE
+    assert "'data' should be a JSON object" in listing[odd_run.name]["error"]
+    assert listing[finished["run"].name]["state"] == runs.DONE
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.switch_page(page).run()
+    assert not at.exception, at.exception
+    if page == "app_pages/runs.py":
+        table = at.dataframe[0].value
+        assert dict(zip(table["run"] if "run" in table else table["id"], table["state"]))[odd_run.name] == "unreadable"
+    if page == "app_pages/predict.py":
+        assert at.selectbox(key="predict_model").value == finished["run"].name
+
+
+def test_clean_refuses_a_symlinked_change_log_with_a_message(finished: dict[str, Path], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("LOUPE_HOME", str(finished["home"]))
+    outside = tmp_path / "notes.txt"
+    outside.write_text("mine\n")
+    state = finished["dataset"] / ".loupe"
+    state.mkdir(exist_ok=True)
+    (state / "clean_log.jsonl").symlink_to(outside)
+    try:
+        at = AppTest.from_file(APP, default_timeout=120).run()
+        at.switch_page("app_pages/clean.py").run()
+        assert not at.exception, at.exception
+        assert any("symbolic link" in e.value for e in at.error)
+    finally:
+        (state / "clean_log.jsonl").unlink()
+    assert outside.read_text() == "mine\n"

@@ -11,6 +11,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import socket
 import tomllib
 import urllib.parse
@@ -207,6 +208,22 @@ def test_clean_refuses_a_run_whose_dataset_is_outside_the_roots(outside_run, mon
     assert "cannot be cleaned here" in errors(at) and REFUSED in errors(at)
     assert not [s for s in at.selectbox if s.key and s.key.startswith("clean_mark:")]
     assert sorted(p.relative_to(outside_run["data"]) for p in outside_run["data"].rglob("*")) == before
+
+
+@pytest.mark.parametrize("page", ["app_pages/interpret.py", "app_pages/train.py"])
+def test_no_page_shows_images_of_a_run_whose_dataset_is_outside_the_roots(outside_run, monkeypatch, page):
+    """Interpret refuses the run as Clean does; every other page's images pass the same check one by one,
+    so not one thumbnail of the outside folder is ever made."""
+    monkeypatch.setenv("LOUPE_HOME", str(outside_run["home"]))
+    monkeypatch.setenv("LOUPE_DATA_ROOTS", str(outside_run["allowed"]))
+    thumbs = outside_run["home"] / "cache" / "thumbs"
+    shutil.rmtree(thumbs, ignore_errors=True)
+    at = app().run()
+    at.switch_page(page).run()
+    assert not at.exception, at.exception
+    if page == "app_pages/interpret.py":
+        assert "cannot be shown here" in errors(at) and REFUSED in errors(at)
+    assert not thumbs.exists() or not any(thumbs.iterdir())
 
 
 # ---------------------------------------------------------------- the login gate

@@ -9,6 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from core import interpret
+from core.env import check_data_path
 from core.model import Bundle, load_bundle
 from core.thumbs import thumbnail
 from core.train import BUNDLE
@@ -49,7 +50,12 @@ def _thumb(path: bytes, mtime: float, size: int) -> bytes | None:
 
 
 def thumb(path: str | Path, size: int = 192) -> bytes | None:
-    """JPEG thumbnail bytes for a gallery, or None for a file that is gone or unreadable."""
+    """JPEG thumbnail bytes for a gallery, or None for a file that is gone, unreadable, or outside the folders
+    this server may read (LOUPE_DATA_ROOTS: every page's images pass here, whatever run names them)."""
     path = Path(path)
+    try:
+        check_data_path(path)
+    except ValueError:
+        return None
     # bytes as the cache key: a file name that is not valid UTF-8 cannot be hashed as text
     return _thumb(os.fsencode(path), _mtime(path), size)

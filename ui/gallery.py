@@ -16,7 +16,8 @@ import pandas as pd
 import streamlit as st
 from PIL import Image
 
-from core import interpret, runs
+from core import clean, interpret, runs
+from core.env import check_data_path
 from ui.cache import run_table, thumb
 from ui.state import current_run, latest_run_where
 
@@ -116,6 +117,22 @@ def passed_over(selected: Path, shown: Path) -> None:
 
 def has_tables(run: Path) -> bool:
     return interpret.table_path(run, "valid").exists()
+
+
+def refuse_outside_roots(run: Path, what: str) -> None:
+    """Stop the page when `run` trained on a folder this server may not read (LOUPE_DATA_ROOTS). A run made
+    from the command line may name any folder; `what` says what the page would do with its images."""
+    try:
+        folders = [dataset.root for dataset in clean.run_datasets(run)]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no readable record of its folders: ui.cache.thumb still checks every image on its own
+    for folder in folders:
+        try:
+            check_data_path(folder)
+        except ValueError as e:
+            st.error(f"Run **{run.name}** trained on a folder whose images cannot be {what} here: {e}",
+                     icon=":material/block:")
+            st.stop()
 
 
 def require_run_tables() -> tuple[Path, pd.DataFrame]:

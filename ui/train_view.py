@@ -228,7 +228,8 @@ def read_config(run_dir: Path) -> dict:
         config = read_json(Path(run_dir) / runs.CONFIG_FILE)
     except (OSError, ValueError):
         return {}
-    return config if isinstance(config, dict) else {}
+    # An odd config.json ("data": "oops") reads as none, as the run listing shows it: unreadable.
+    return config if isinstance(config, dict) and runs.config_problem(config) is None else {}
 
 
 def is_lr_find(run_dir: Path, status: dict | None = None) -> bool:
