@@ -7,6 +7,7 @@ import streamlit as st
 
 from core import runs
 from core.env import runs_dir
+from core.job import checkpoint_bytes, remove_checkpoints
 from core.train import BUNDLE
 from ui.runs_view import (
     TABLE_COLUMNS,
@@ -43,6 +44,17 @@ def delete(run_dir: Path) -> None:
         set_run(None)
     clear_selection()
     st.session_state[NOTICE_KEY] = ("success", f"Deleted run {run_dir.name}.")
+
+
+def drop_checkpoint(run_dir: Path) -> None:
+    """Button callback: free the space only a resume needs."""
+    try:
+        freed = remove_checkpoints(run_dir)
+    except OSError as e:
+        st.session_state[NOTICE_KEY] = ("error", f"The checkpoint was not deleted: {e}")
+        return
+    freed_mb = freed / 2**20
+    st.session_state[NOTICE_KEY] = ("success", f"Deleted the checkpoint of run {run_dir.name}: {freed_mb:.0f} MB freed.")
 
 
 def read_bundle(path: Path) -> bytes:
@@ -131,6 +143,14 @@ if bundle.is_file():
     )
 else:
     download_col.button("No model to download", key="runs_download_none", disabled=True, width="stretch")
+
+held = checkpoint_bytes(run_dir)
+if held and info["state"] not in runs.ACTIVE_STATES:
+    resumable = info["state"] in (runs.STOPPED, runs.FAILED)
+    st.button(f"Delete its checkpoint ({held / 2**20:.0f} MB)", key="runs_drop_checkpoint",
+              icon=":material/cleaning_services:", on_click=drop_checkpoint, args=(run_dir,),
+              help="The checkpoint is only needed to resume the run; its model stays. "
+              + ("After this, **Resume** is no longer possible." if resumable else "A finished run cannot be resumed."))
 
 with st.expander("Delete this run", icon=":material/delete:"):
     if info["state"] in runs.ACTIVE_STATES:

@@ -110,12 +110,15 @@ def _prepare_run_dir(a: argparse.Namespace) -> Path:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from core import distributed
-    from core.job import run_training
+    from core.job import has_checkpoint, run_training
 
     info = distributed.DistInfo.from_env()
     if info.enabled:  # already under torchrun: one rank makes the run dir, every rank trains in it
         return run_training(_shared_run_dir(a, info), resume=a.resume)
     run_dir = _prepare_run_dir(a)
+    if a.resume and not has_checkpoint(run_dir):  # refused before the run's finished state is touched
+        raise DataError(f"{run_dir} has no checkpoint to resume from: a finished run keeps none (it has nothing "
+                        "left to train); start a new run, or continue from this one with --init-from.")
     if a.create_only:  # e.g. a run for several machines, created once on the shared filesystem
         print(run_dir)
         return 0

@@ -27,6 +27,7 @@ from core.images import DataError
 from core.lrfind import LRFindResult, estimate_seconds, lr_find, measured_speed, sweep_steps
 from core.model import load_bundle
 from core.train import (
+    BEST_WEIGHTS,
     BUNDLE,
     CHECKPOINT,
     Learner,
@@ -186,6 +187,9 @@ def run_training(run_dir: str | Path, resume: bool = False) -> int:
                 _finish(learner, report, run_dir)
                 report("done", epochs=len(learner.history), best_valid_loss=learner.best_valid)
                 runs.mark_finished(run_dir, runs.DONE)
+                freed = remove_checkpoints(run_dir)
+                print(f"A finished run cannot be resumed: its checkpoints are removed ({freed / 2**20:.0f} MB).",
+                      flush=True)
             return 0
     except Exception as e:  # every failure ends as a readable event and a failed status, never a silent exit
         message = f"{type(e).__name__}: {e}"
@@ -409,3 +413,24 @@ def load_lr_find(run_dir: str | Path) -> LRFindResult | None:
 
 def has_checkpoint(run_dir: str | Path) -> bool:
     return (Path(run_dir) / CHECKPOINT).exists()
+
+
+def checkpoint_bytes(run_dir: str | Path) -> int:
+    """Disk space held by what only a resume needs: the checkpoint (weights, optimizer state) and best.pt."""
+    return sum(path.stat().st_size for path in _resume_files(run_dir))
+
+
+def remove_checkpoints(run_dir: str | Path) -> int:
+    """Delete what only a resume needs (see `checkpoint_bytes`); returns the bytes freed. The exported model,
+    the tables and the events stay: the run can still be looked at, used and continued from (init_from),
+    only no longer resumed. A finished run does this itself; a stopped or failed one on the user's word."""
+    freed = 0
+    for path in _resume_files(run_dir):
+        size = path.stat().st_size
+        path.unlink(missing_ok=True)
+        freed += size
+    return freed
+
+
+def _resume_files(run_dir: str | Path) -> list[Path]:
+    return [p for p in (Path(run_dir) / CHECKPOINT, Path(run_dir) / BEST_WEIGHTS) if p.is_file()]

@@ -684,6 +684,16 @@ def list_runs(root: PathArg | None = None) -> list[dict[str, Any]]:
     return runs
 
 
+def disk_usage(run_dir: PathArg) -> int:
+    """Bytes the files of a run directory take (symlinks counted as links, not followed)."""
+    total = 0
+    for folder, _, names in os.walk(run_dir):
+        for name in names:
+            with contextlib.suppress(OSError):  # a file removed while we count
+                total += os.lstat(os.path.join(folder, name)).st_size
+    return total
+
+
 def delete_run(run_dir: PathArg, root: PathArg | None = None) -> None:
     """Remove a run directory. Refuses (ValueError) a path that is not directly inside the runs root, or an
     active run (stop it first). A run whose status is unreadable can be deleted."""

@@ -57,8 +57,9 @@ def test_train_prints_the_epoch_table_and_leaves_a_complete_run(trained):
     rows = [line.split() for line in lines[top + 1:] if line.split() and line.split()[0].isdigit()]
     assert [row[0] for row in rows] == ["1", "2"]  # counted from 1, as on every page
     assert runs.status(run_dir)["state"] == runs.DONE
-    for name in (BUNDLE, CHECKPOINT, "interpret_valid.parquet", "events.jsonl"):
+    for name in (BUNDLE, "interpret_valid.parquet", "events.jsonl"):
         assert (run_dir / name).exists()
+    assert not (run_dir / CHECKPOINT).exists() and "checkpoints are removed" in result.stdout
 
 
 def test_interpret_prints_top_losses_and_confusions(trained, home):
@@ -126,6 +127,11 @@ def test_background_run_stops_on_request_and_resumes_to_the_end(demo, tmp_path):
     assert final["state"] == runs.DONE, (run_dir / runs.LOG_FILE).read_text()
     epochs = [e["epoch"] for e in runs.load_events(run_dir, "epoch")]
     assert epochs[-1] == 2 and sorted(set(epochs)) == [0, 1, 2]
+    assert not (run_dir / CHECKPOINT).exists()  # done: nothing left to resume, so no checkpoint kept
+
+    again = core_cli("train", "--run-dir", run_dir, "--resume", home=tmp_path)
+    assert again.returncode == 2 and "no checkpoint to resume from" in again.stderr
+    assert runs.status(run_dir)["state"] == runs.DONE  # refused without touching the finished run
 
 
 def _wait_for_event(run_dir: Path, kind: str, timeout: float = 120) -> None:

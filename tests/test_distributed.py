@@ -82,8 +82,9 @@ def test_sharding_gives_every_rank_the_same_count_and_covers_every_item():
 def test_ddp_run_is_done_and_its_directory_written_once(ddp_run):
     run_dir, _ = ddp_run
     assert runs.status(run_dir)["state"] == runs.DONE
-    for name in (BUNDLE, CHECKPOINT, DATASET_RECORD, "interpret_valid.parquet", "interpret_train.parquet"):
+    for name in (BUNDLE, DATASET_RECORD, "interpret_valid.parquet", "interpret_train.parquet"):
         assert (run_dir / name).exists(), name
+    assert not (run_dir / CHECKPOINT).exists()  # a finished run cannot be resumed: no checkpoint kept
     evs = events(run_dir)
     kinds = [e["event"] for e in evs]
     assert kinds.count("start") == 1 and kinds.count("done") == 1 and kinds.count("exported") == 1

@@ -19,7 +19,7 @@ from core.data import DataConfig, prepare, source_record
 from core.demo import DemoSpec, make_demo_dataset
 from core.fileio import atomic_write_json
 from core.model import ModelConfig
-from core.train import TrainConfig
+from core.train import CHECKPOINT, TrainConfig
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 TABLE_KEY = "runs_table"
@@ -174,6 +174,22 @@ def test_the_table_shows_the_exported_epoch_not_the_best_one_seen(home: Path):
     assert table.loc[last.name, ["epoch", "valid loss"]].tolist() == [3, 0.8896]  # epochs counted from 1
     assert table.loc[best.name, ["epoch", "valid loss"]].tolist() == [2, 0.7858]
     assert at.dataframe[0].proto.placeholder == ""  # empty cells stay empty rather than read "None"
+
+
+def test_disk_use_is_shown_and_a_checkpoint_can_be_deleted(home: Path):
+    stopped = fake_run(home, state=runs.STOPPED)
+    torch.save({"model": torch.nn.Linear(256, 256).state_dict()}, stopped / CHECKPOINT)  # what Resume would load
+    at = open_runs()
+    disk = at.dataframe[0].value.set_index("id")["disk"]
+    assert disk[stopped.name] == pytest.approx(runs.disk_usage(stopped) / 2**20) and disk[stopped.name] > 0.2
+    select(at, stopped.name)
+    button = at.button(key="runs_drop_checkpoint")
+    assert "Resume** is no longer possible" in button.help
+    button.click().run()
+    assert not at.exception, at.exception
+    assert not (stopped / CHECKPOINT).exists() and (stopped / runs.CONFIG_FILE).exists()
+    assert any("MB freed" in s.value for s in at.success)
+    assert not any(b.key == "runs_drop_checkpoint" for b in at.button)
 
 
 def test_delete_needs_the_run_id_typed_and_removes_the_folder(home: Path):

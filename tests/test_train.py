@@ -109,8 +109,9 @@ def test_one_cycle_follows_the_documented_curve():
 
 
 def test_a_run_writes_every_file_and_event(finished_run):
-    for name in ("config.json", "status.json", "events.jsonl", CHECKPOINT, BUNDLE, DATASET_RECORD):
+    for name in ("config.json", "status.json", "events.jsonl", BUNDLE, DATASET_RECORD):
         assert (finished_run / name).exists(), name
+    assert not (finished_run / CHECKPOINT).exists()  # only a run that can be resumed keeps one (~1.5x the model)
     assert runs.status(finished_run)["state"] == runs.DONE
     kinds = [e["event"] for e in runs.load_events(finished_run)]
     assert kinds[0] == "start" and kinds[-1] == "done"
@@ -269,7 +270,8 @@ def test_early_stopping_and_keep_best(shapes, tmp_path):
     assert run_training(run_dir) == 0
     epochs = runs.load_events(run_dir, "epoch")
     assert len(epochs) < 6 and runs.load_events(run_dir, "early_stop")
-    assert (run_dir / "best.pt").exists()
+    assert "best_weights" in [e["event"] for e in runs.load_events(run_dir)]
+    assert not (run_dir / "best.pt").exists() and not (run_dir / CHECKPOINT).exists()  # done: nothing to resume
     first_lowest = min(range(len(epochs)), key=lambda i: epochs[i]["valid_loss"])
     assert runs.exported_epoch(runs.load_events(run_dir)) == (first_lowest, "best")
 

@@ -148,6 +148,7 @@ def runs_table(listing: list[dict[str, Any]]) -> pd.DataFrame:
                 "accuracy (multi-label)": _number(shown, "accuracy_multi"),
                 "model": model_from if has_model(info["path"]) else "",
                 "minutes": _duration_minutes(info),
+                "disk": runs.disk_usage(info["path"]) / 2**20,
                 "created": datetime.fromtimestamp(info["created_at"]),
             }
         )
@@ -184,6 +185,9 @@ TABLE_COLUMNS = {
                                               "epoch); or those at the stop, part way into the next epoch"),
     "minutes": st.column_config.NumberColumn("duration", format="%.1f min", width=70,
                                              help="training time (so far, while active)"),
+    "disk": st.column_config.NumberColumn("disk", format="%.0f MB", width=70,
+                                          help="space the run's folder takes; a run keeps its checkpoint (the "
+                                               "model with the optimizer's state) only while it can be resumed"),
     "created": st.column_config.DatetimeColumn("created", format="MM-DD HH:mm", width=105),
 }
 
