@@ -13,7 +13,7 @@ import csv
 import os
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -41,6 +41,7 @@ LAYOUT_NAMES = {
 VALID_DIR_NAMES = ("valid", "val", "validation")
 PETS_REGEX = r"^(.+)_\d+\.\w+$"
 MAX_LISTED = 1000  # CSV rows naming files that are not there: this many are listed, the rest only counted
+MIN_SIZE, MAX_SIZE = 16, 1024  # the image sizes, in pixels, a model may train (and a bundle may ask) for
 
 
 @dataclass
@@ -76,8 +77,8 @@ class DataConfig:
             raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {self.layout!r}.")
         if not 0.0 <= self.valid_pct < 1.0:
             raise ValueError(f"valid_pct must be in [0, 1), not {self.valid_pct}.")
-        if self.size < 16:
-            raise ValueError(f"size must be at least 16 pixels, not {self.size}.")
+        if not MIN_SIZE <= self.size <= MAX_SIZE:
+            raise ValueError(f"size must be from {MIN_SIZE} to {MAX_SIZE} pixels, not {self.size}.")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {self.batch_size}.")
         if not 0.0 < self.min_scale <= 1.0:
@@ -448,6 +449,9 @@ def _index_files(base: Path) -> dict[str, Path]:
 # ---------------------------------------------------------------- splitting
 
 
+SIDES = ("train", "valid", "test")
+
+
 @dataclass
 class Split:
     """Item indices of each side of a split."""
@@ -459,6 +463,19 @@ class Split:
     def to_dict(self) -> dict[str, list[int]]:
         return {k: v.tolist() for k, v in asdict(self).items()}
 
+    @classmethod
+    def from_sides(cls, sides: Sequence[str]) -> Split:
+        """The split that puts item i on side `sides[i]` ("train", "valid" or "test")."""
+        array = np.asarray(sides, dtype=object)
+        return cls(*(np.flatnonzero(array == side) for side in SIDES))
+
+    def sides(self, n_items: int) -> np.ndarray:
+        """The side of each of `n_items` items, the inverse of `from_sides` ("" for an item on none)."""
+        array = np.full(n_items, "", dtype=object)
+        for side in SIDES:
+            array[getattr(self, side)] = side
+        return array
+
 
 def split_items(source: DataSource, cfg: DataConfig) -> Split:
     """Split items into train and valid.
@@ -468,8 +485,7 @@ def split_items(source: DataSource, cfg: DataConfig) -> Split:
     key is set (so one photographer's photos never straddle train and valid).
     """
     if source.fixed_split is not None:
-        sides = np.array(source.fixed_split)
-        return Split(*(np.flatnonzero(sides == s) for s in ("train", "valid", "test")))
+        return Split.from_sides(source.fixed_split)
     rng = np.random.default_rng(cfg.seed)
     strata = [ls[0] if len(ls) == 1 else " ".join(sorted(ls)) for ls in source.labels]
     groups = _group_keys(source, cfg)
@@ -799,9 +815,6 @@ def make_dataloaders(cfg: DataConfig, device: torch.device | None = None, rank: 
 def source_record(source: DataSource, split: Split) -> dict:
     """The items, labels and split of a run as plain JSON, so a run can be interpreted later exactly as it
     was trained even after the dataset folder has been cleaned."""
-    side = np.full(len(source), "", dtype=object)
-    for name in ("train", "valid", "test"):
-        side[getattr(split, name)] = name
     return {
         "root": str(source.root),
         "layout": source.layout,
@@ -810,7 +823,7 @@ def source_record(source: DataSource, split: Split) -> dict:
         "fixed_split": source.fixed_split is not None,  # by the layout (folders, an is_valid column), not Loupe
         "items": [
             {"file": _relative_if_inside(f, source.root), "labels": list(ls), "split": str(sd)}
-            for f, ls, sd in zip(source.files, source.labels, side)
+            for f, ls, sd in zip(source.files, source.labels, split.sides(len(source)))
         ],
     }
 
@@ -835,7 +848,7 @@ def describe_split(record: dict, cfg: DataConfig) -> str:
     if record.get("layout") != "split_folders":
         return f"the CSV's is_valid column: {sizes}"
     folders = []  # each side's top folder (record paths are POSIX), train first: "train/ and val/ folders"
-    for side in ("train", "valid", "test"):
+    for side in SIDES:
         for item in items:
             top = item["file"].split("/")[0]
             if item["split"] == side and not Path(item["file"]).is_absolute() and top not in folders:
@@ -864,5 +877,4 @@ def source_from_record(record: dict) -> tuple[DataSource, Split]:
         multi_label=bool(record["multi_label"]),
         fixed_split=[it["split"] for it in items],
     )
-    sides = np.array(source.fixed_split, dtype=object)
-    return source, Split(*(np.flatnonzero(sides == s) for s in ("train", "valid", "test")))
+    return source, Split.from_sides(source.fixed_split)

@@ -8,6 +8,7 @@ That fixed shape is what lets freeze/unfreeze and parameter groups work the same
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import zipfile
 from collections import OrderedDict
@@ -24,6 +25,7 @@ from torch import nn
 from torchvision.models import get_model, get_model_weights
 
 from core.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, presize, presize_side, resize_batch
+from core.data import MAX_SIZE, MIN_SIZE
 from core.env import resolve_device
 from core.fileio import atomic_write, create_file
 from core.images import to_rgb
@@ -417,24 +419,26 @@ class BundleMeta:
     config: dict | None = None  # the TrainConfig the model was trained with, for the record and for retraining
 
     def __post_init__(self) -> None:
-        self.vocab = [str(v) for v in self.vocab]
-        self.mean = tuple(float(m) for m in self.mean)
-        self.std = tuple(float(s) for s in self.std)
+        # Every field is checked for its type and range: a bundle is a file from anywhere, and its header decides
+        # how much memory prediction takes (size) and whether the output means anything (mean, std, vocab).
+        self.vocab = _class_names(self.vocab)
+        self.mean, self.std = _channel_values("mean", self.mean), _channel_values("std", self.std)
+        if not (isinstance(self.arch, str) and isinstance(self.head, str) and _is_number(self.dropout)):
+            raise ValueError(f"arch and head must be names and dropout a number, got {self.arch!r}, {self.head!r}, "
+                             f"{self.dropout!r}.")
         ModelConfig(arch=self.arch, pretrained=False, head=self.head, dropout=self.dropout)  # validates those
-        if not self.vocab:
-            raise ValueError("vocab is empty; a model needs at least one class.")
-        if len(set(self.vocab)) != len(self.vocab):
-            raise ValueError("vocab has duplicate class names.")
-        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
-            raise ValueError(f"size must be a positive integer, got {self.size!r}.")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(f"mean and std need 3 values each (std > 0), got {self.mean!r}, {self.std!r}.")
-        if self.task not in TASKS:
+        if not _is_integer(self.size) or not MIN_SIZE <= self.size <= MAX_SIZE:
+            raise ValueError(f"size must be a whole number of pixels from {MIN_SIZE} to {MAX_SIZE}, got {self.size!r}.")
+        if min(self.std) <= 0:
+            raise ValueError(f"std must be above 0 in every channel, got {self.std!r}.")
+        if not isinstance(self.task, str) or self.task not in TASKS:
             raise ValueError(f"Unknown task {self.task!r}; choose one of {', '.join(TASKS)}.")
-        if not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"threshold must be in (0, 1), got {self.threshold!r}.")
-        if self.version > BUNDLE_FORMAT_VERSION:
-            raise ValueError(f"bundle format {self.version} is newer than this Loupe ({BUNDLE_FORMAT_VERSION}).")
+        if not _is_number(self.threshold) or not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be a number in (0, 1), got {self.threshold!r}.")
+        if not _is_integer(self.version) or not 1 <= self.version <= BUNDLE_FORMAT_VERSION:
+            raise ValueError(f"bundle format {self.version!r} is not one this Loupe reads (1 to {BUNDLE_FORMAT_VERSION}).")
+        if self.config is not None and not isinstance(self.config, dict):
+            raise ValueError(f"config must be a JSON object, got {type(self.config).__name__}.")
 
     @property
     def n_out(self) -> int:
@@ -461,6 +465,33 @@ class BundleMeta:
         if n_out is not None and n_out != meta.n_out:
             raise BundleError(f"Not a valid Loupe bundle: n_out={n_out} but the vocab has {meta.n_out} classes.")
         return meta
+
+
+def _is_number(value: object) -> bool:
+    """A finite int or float, not a bool (JSON's true is no number here) and not NaN or infinity."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _class_names(vocab: object) -> list[str]:
+    """A list of distinct, non-empty class names; a string is not a list (\"abc\" is not three classes)."""
+    if not isinstance(vocab, (list, tuple)) or not all(isinstance(v, str) and v for v in vocab):
+        raise ValueError(f"vocab must be a list of class names, got {str(vocab)[:60]!r}.")
+    if not vocab:
+        raise ValueError("vocab is empty; a model needs at least one class.")
+    if len(set(vocab)) != len(vocab):
+        raise ValueError("vocab has duplicate class names.")
+    return list(vocab)
+
+
+def _channel_values(name: str, values: object) -> tuple[float, float, float]:
+    """Three finite numbers, one per colour channel."""
+    if not isinstance(values, (list, tuple)) or len(values) != 3 or not all(_is_number(v) for v in values):
+        raise ValueError(f"{name} needs 3 finite numbers, one per colour channel, got {str(values)[:60]!r}.")
+    return tuple(float(v) for v in values)
 
 
 @dataclass

@@ -6,6 +6,8 @@ import itertools
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,7 @@ from core.model import (
 
 N_OUT = 3
 VOCAB = ["cat", "dog", "fox"]
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", params=list(ARCHS))
@@ -406,3 +409,47 @@ def test_exif_rotated_image_predicts_like_upright(tmp_path):
     probs = predict_probs(bundle, [upright, rotated, stored])
     assert torch.allclose(probs[1], probs[0], atol=1e-6)
     assert not torch.allclose(probs[2], probs[0], atol=1e-6), "control: ignoring EXIF should change the answer"
+
+
+# ---------------------------------------------------------------- issue 16: metadata from a hostile bundle
+
+HOSTILE_META = {
+    "size-huge": ({"size": 10000}, "size must be a whole number of pixels from 16 to 1024"),
+    "size-bool": ({"size": True}, "size must be a whole number"),
+    "mean-nan": ({"mean": [float("nan"), 0.5, 0.5]}, "mean needs 3 finite numbers"),
+    "std-infinite": ({"std": [0.2, float("inf"), 0.2]}, "std needs 3 finite numbers"),
+    "mean-text": ({"mean": "0.5"}, "mean needs 3 finite numbers"),
+    "version-negative": ({"version": -5}, "bundle format -5 is not one this Loupe reads"),
+    "vocab-string": ({"vocab": "abc", "n_out": 3}, "vocab must be a list of class names"),
+    "vocab-numbers": ({"vocab": [1, 2, 3]}, "vocab must be a list of class names"),
+    "threshold-text": ({"threshold": "0.5"}, "threshold must be a number"),
+    "dropout-text": ({"dropout": "half"}, "arch and head must be names and dropout a number"),
+    "config-text": ({"config": "x"}, "config must be a JSON object"),
+}
+
+
+def _bundle_with_meta(path: Path, **changes) -> Path:
+    """A real bundle (weights that fit resnet18 with three classes) whose header metadata is changed by hand."""
+    model = _eval_bundle(_meta()).model
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    safetensors.torch.save_file(state, str(path), metadata={"loupe": json.dumps({**_meta().to_dict(), **changes})})
+    return path
+
+
+@pytest.mark.parametrize("case", HOSTILE_META)
+def test_every_metadata_field_is_checked_for_type_and_range(tmp_path, case):
+    changes, message = HOSTILE_META[case]
+    with pytest.raises(BundleError, match=f"Not a valid Loupe bundle: {message}"):
+        load_bundle(_bundle_with_meta(tmp_path / f"{case}.safetensors", **changes), device="cpu")
+
+
+def test_the_cli_refuses_a_bundle_with_nan_normalisation_with_one_line(tmp_path):
+    """Before: "prob": NaN (not JSON) and exit 0."""
+    bundle = _bundle_with_meta(tmp_path / "nan.safetensors", mean=[float("nan"), 0.5, 0.5])
+    image = tmp_path / "x.png"
+    _images(1)[0].save(image)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "core", "predict", str(bundle), str(image)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "mean needs 3 finite numbers" in done.stderr
