@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
-import json
 import os
 import re
-import secrets
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -33,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from core.data import LAYOUT_NAMES
-from core.fileio import read_json
+from core.fileio import LinkRefused, append_jsonl, file_lock, open_fd, read_json, read_jsonl
 from core.runs import CONFIG_FILE, config_problem
+from core.stamps import stamped_id
 
 TRASH_DIR = ".trash"
 STATE_DIR = ".loupe"
@@ -134,16 +132,8 @@ def label_problem(label: str | None) -> str | None:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def new_batch_id() -> str:
-    """Sortable and unique enough: UTC time to the second plus 4 random hex digits."""
-    return f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -300,7 +290,7 @@ def apply_changes(
         from core.data import DataConfig, detect_layout
 
         layout = detect_layout(DataConfig(path=str(root)))
-    batch = batch_id or new_batch_id()
+    batch = batch_id or stamped_id()
     if dry_run:
         planned = plan_changes(root, changes, layout, batch_id=batch)
         return CleanResult([m for m in planned if m.ok], [m for m in planned if not m.ok], None, dry_run=True)
@@ -333,7 +323,7 @@ def undo_last(dataset_root: str | os.PathLike) -> CleanResult:
         batch, entries = _last_undoable(read_log(root))
         if batch is None:
             return CleanResult([], [], None, undone=None)
-        undo_batch = new_batch_id()
+        undo_batch = stamped_id()
         applied, skipped = [], []
         for entry in reversed(entries):
             move = _plan_undo(root, entry)
@@ -482,77 +472,43 @@ def _log(root: Path, batch: str, move: PlannedMove, action: str | None = None) -
         entry["made_dirs"] = [d.relative_to(root).as_posix() for d in move.made_dirs]
     if move.problems:
         entry["reason"] = move.reason
-    data = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
-    fd = _open_own(root, LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    try:  # one O_APPEND write per line, flushed to disk: the log survives a crash right after a move
-        while data:
-            data = data[os.write(fd, data):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with _own_files():  # flushed to disk: the log survives a crash right after a move
+        append_jsonl(root / STATE_DIR / LOG_FILE, entry, fsync=True, follow_symlinks=False)
 
 
 def read_log(dataset_root: str | os.PathLike) -> list[dict]:
     """Every logged change of a dataset, oldest first (an unreadable line is skipped, never fatal).
     OwnFileLinked when the log or its folder is a symbolic link."""
-    try:
-        fd = _open_own(Path(os.path.realpath(dataset_root)), LOG_FILE, os.O_RDONLY)
-    except FileNotFoundError:
-        return []
-    with open(fd, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    entries = []
-    for line in lines:
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and {"batch", "action", "source", "target"} <= entry.keys():
-            entries.append(entry)
-    return entries
+    with _own_files():
+        entries = read_jsonl(Path(os.path.realpath(dataset_root)) / STATE_DIR / LOG_FILE, follow_symlinks=False)
+    return [e for e in entries if {"batch", "action", "source", "target"} <= e.keys()]
 
 
 class OwnFileLinked(OSError):
     """Loupe's own folder or file inside a dataset (.loupe/...) is a symbolic link: never followed, refused."""
 
 
-def _open_own(root: Path, name: str, flags: int) -> int:
-    """os.open of root/.loupe/<name> following no symbolic link, neither .loupe nor the file: a link there could
-    make Loupe write into any file the server may write. The folder is made when `flags` create the file."""
-    folder = root / STATE_DIR
-    if flags & os.O_CREAT:
-        with contextlib.suppress(FileExistsError):  # a folder, or a link that the open below refuses
-            os.mkdir(folder)
+@contextlib.contextmanager
+def _own_files() -> Iterator[None]:
+    """Loupe's own files in a dataset are opened following no link, neither .loupe nor the file (a link there
+    could make Loupe write into any file the server may write); this says so in the Clean page's words."""
     try:
-        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except OSError as e:
-        raise _linked(e, folder) from None
-    try:
-        return os.open(name, flags | os.O_NOFOLLOW, 0o644, dir_fd=dir_fd)
-    except OSError as e:
-        raise _linked(e, folder / name) from None
-    finally:
-        os.close(dir_fd)
-
-
-def _linked(error: OSError, path: Path) -> OSError:
-    if error.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(path):
-        return OwnFileLinked(errno.ELOOP, f"{path} is a symbolic link; Loupe never reads or writes its own files "
-                                          "through a link. Remove the link (it holds none of your images)")
-    return error
+        yield
+    except LinkRefused as e:
+        raise OwnFileLinked(errno.ELOOP, f"{e.link} is a symbolic link; Loupe never reads or writes its own files "
+                                         "through a link. Remove the link (it holds none of your images)") from None
 
 
 @contextlib.contextmanager
 def _locked(root: Path) -> Iterator[None]:
     """One apply or undo at a time per dataset (two browser tabs, two users). Refuses (OwnFileLinked) before
     anything moves when the lock, the log or their folder is a link, so every move can be logged."""
-    fd = _open_own(root, LOCK_FILE, os.O_RDWR | os.O_CREAT)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.close(_open_own(root, LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT))
+    folder = root / STATE_DIR
+    with contextlib.suppress(FileExistsError):  # a folder, or a link that the opens below refuse
+        os.mkdir(folder)
+    with _own_files(), file_lock(folder / LOCK_FILE, follow_symlinks=False):
+        os.close(open_fd(folder / LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, follow_symlinks=False))
         yield
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------- the datasets of a run
@@ -593,7 +549,7 @@ def _owner(datasets: Sequence[Dataset], file: str | os.PathLike) -> Dataset | No
 def apply_to(datasets: Sequence[Dataset], changes: Sequence[Change], *, dry_run: bool = False) -> CleanResult:
     """`apply_changes` over several dataset folders as one batch: each change goes to the folder holding its
     file; a file in none of them is skipped."""
-    batch = new_batch_id()
+    batch = stamped_id()
     outside = [PlannedMove(c.action, Path(c.file), None, c.new_label,
                            ["not inside the run's dataset folders; refused"])
                for c in changes if _owner(datasets, c.file) is None]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import re
 import struct
@@ -28,7 +27,7 @@ from PIL import Image
 from core.data import DEFAULT_MAX_PIXELS, list_images
 from core.images import HEIF_REASON, is_heif_header
 from core.env import workspace_dir
-from core.fileio import atomic_write_bytes
+from core.fileio import append_jsonl, atomic_write_bytes, read_jsonl
 from core.model import prepare_image
 
 FEEDBACK_DIR = "feedback"
@@ -231,32 +230,13 @@ def _remove_if_empty(folder: Path) -> None:
 
 
 def _log(base: Path, record: dict) -> None:
-    """Append one JSON line in a single O_APPEND write: concurrent writers never interleave within a line."""
     base.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
-    fd = os.open(base / LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
+    append_jsonl(base / LOG_FILE, record)
 
 
 def feedback_log(root: Path | None = None) -> list[dict]:
     """Every correction recorded, oldest first (corrupt lines skipped)."""
-    path = feedback_dir(root) / LOG_FILE
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return []
-    records = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+    return read_jsonl(feedback_dir(root) / LOG_FILE)
 
 
 def feedback_counts(root: Path | None = None) -> dict[str, int]:

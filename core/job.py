@@ -7,7 +7,6 @@ events.jsonl streams what happens, STOP asks for a clean stop. Nothing here assu
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -22,10 +21,11 @@ import torch
 from core import distributed, interpret, runs
 from core.data import DataLoaders, ShardSampler, make_loader, path_text, source_from_record, source_record
 from core.env import MIN_FREE_MB_ENV, min_free_mb, resolve_device
-from core.fileio import atomic_write_json, read_json
+from core.fileio import atomic_write_json, parse_jsonl, read_json
 from core.images import DataError
 from core.lrfind import LRFindResult, estimate_seconds, lr_find, measured_speed, sweep_steps
 from core.model import load_bundle
+from core.stamps import fmt_duration
 from core.train import (
     BEST_WEIGHTS,
     BUNDLE,
@@ -88,8 +88,7 @@ class EpochTable:
         if name == "epoch" and isinstance(value, int):
             value = runs.epoch_number(value)  # a person reads this table: epochs from 1, as on every page
         if name == "seconds" and isinstance(value, (int, float)):
-            minutes, seconds = divmod(int(round(value)), 60)
-            return f"{minutes:>9}:{seconds:02d}"
+            return f"{fmt_duration(value):>12}"
         if isinstance(value, float):
             return f"{value:>12.6f}" if math.isfinite(value) else f"{'nan':>12}"
         return f"{value!s:>12}"
@@ -395,14 +394,10 @@ def _head_events(run_dir: Path, limit: int = 64 * 1024) -> list[dict]:
     """The events in the first `limit` bytes of a run's events.jsonl: enough steps to time, however long the run."""
     try:
         with open(run_dir / runs.EVENTS_FILE, "rb") as f:
-            lines = f.read(limit).split(b"\n")[:-1]  # the last piece may be cut short
+            head = f.read(limit)
     except OSError:
         return []
-    events = []
-    for line in lines:
-        with contextlib.suppress(ValueError):
-            events.append(json.loads(line))
-    return events
+    return parse_jsonl(head[: head.rfind(b"\n") + 1])  # the last line may be cut short
 
 
 def load_lr_find(run_dir: str | Path) -> LRFindResult | None:

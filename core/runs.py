@@ -21,12 +21,9 @@ processes that only speak the protocol (tests, the status poller) start in milli
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import math
 import os
-import re
-import secrets
 import shlex
 import shutil
 import signal
@@ -38,7 +35,16 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from core.fileio import atomic_write_json, atomic_write_text, read_json
+from core.fileio import (
+    atomic_write_json,
+    atomic_write_text,
+    file_lock,
+    jsonl_line,
+    parse_jsonl,
+    read_json,
+    write_line,
+)
+from core.stamps import stamped_id
 
 CREATED = "created"
 QUEUED = "queued"
@@ -83,17 +89,6 @@ def _root(root: PathArg | None) -> Path:
     return runs_dir()
 
 
-def new_run_id(name_hint: str = "") -> str:
-    """A sortable, filesystem-safe id: UTC time, a slug of `name_hint`, 4 random hex digits.
-
-    e.g. "20261123-063012-resnet18-a1b2". Ids sort by creation second; `create` guarantees uniqueness
-    (4 hex digits alone collide now and then when many runs are made in one second).
-    """
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    slug = re.sub(r"[^a-z0-9]+", "-", name_hint.lower()).strip("-")[:32].strip("-")
-    return "-".join(part for part in (stamp, slug, secrets.token_hex(2)) if part)
-
-
 def create(config: Mapping[str, Any] | object, root: PathArg | None = None, name_hint: str = "") -> Path:
     """Make `root/<id>/` (root defaults to env.runs_dir()) holding config.json, then status.json (created).
 
@@ -123,7 +118,7 @@ def create_in(run_dir: PathArg, config: Mapping[str, Any] | object) -> Path:
 def _claim_dir(base: Path, name_hint: str) -> Path:
     # mkdir is atomic and fails if the name exists, so two creators can never share a directory.
     for _ in range(100):
-        run_dir = base / new_run_id(name_hint)
+        run_dir = base / stamped_id(name_hint)
         try:
             run_dir.mkdir()
             return run_dir
@@ -133,17 +128,6 @@ def _claim_dir(base: Path, name_hint: str) -> Path:
 
 
 # ---------------------------------------------------------------- status
-
-
-@contextlib.contextmanager
-def _flock(path: Path) -> Iterator[None]:
-    """Hold an exclusive flock on `path`; the kernel drops it when the fd closes or the process dies."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def read_status(run_dir: PathArg) -> dict[str, Any]:
@@ -160,7 +144,7 @@ def _update_status(run_dir: PathArg, change: Callable[[dict[str, Any]], dict[str
     `change(current)` returns the fields to merge, or None to leave the file alone.
     """
     run_dir = Path(run_dir)
-    with _flock(run_dir / _STATUS_LOCK_FILE):
+    with file_lock(run_dir / _STATUS_LOCK_FILE):
         try:
             current = read_status(run_dir)
         except (FileNotFoundError, ValueError):
@@ -411,17 +395,14 @@ def acquire_compute_lock(root: PathArg | None = None, wait: bool = True) -> Iter
     base = _root(root)
     base.mkdir(parents=True, exist_ok=True)
     path = base / COMPUTE_LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    with contextlib.ExitStack() as held:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd = held.enter_context(file_lock(path, wait=wait))
         except BlockingIOError:
             raise ComputeBusy(f"Another process holds the compute lock {path}.") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for a human reading the file
         yield path
-    finally:
-        os.close(fd)  # releases the lock
 
 
 # ---------------------------------------------------------------- events
@@ -470,11 +451,7 @@ class EventWriter:
         if "event" in fields or "time" in fields:
             raise ValueError("'event' and 'time' are set by emit; use other field names.")
         record = _jsonable({"event": kind, "time": time.time(), **fields})
-        data = (json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n").encode()
-        while data:
-            data = data[os.write(self._fd, data):]
-        if self.fsync:
-            os.fsync(self._fd)
+        write_line(self._fd, jsonl_line(record), fsync=self.fsync)
         return record
 
     def close(self) -> None:
@@ -490,18 +467,6 @@ class EventWriter:
 
     def __del__(self) -> None:
         self.close()
-
-
-def _parse_lines(chunk: bytes) -> list[dict[str, Any]]:
-    events = []
-    for line in chunk.splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:  # a corrupt line (or bad UTF-8) costs one event, not the whole run's history
-            continue
-        if isinstance(event, dict):
-            events.append(event)
-    return events
 
 
 def read_events(run_dir: PathArg, since: int = 0) -> tuple[list[dict[str, Any]], int]:
@@ -521,7 +486,7 @@ def read_events(run_dir: PathArg, since: int = 0) -> tuple[list[dict[str, Any]],
         f.seek(since)
         data = f.read()
     end = data.rfind(b"\n") + 1
-    return _parse_lines(data[:end]), since + end
+    return parse_jsonl(data[:end]), since + end
 
 
 def load_events(run_dir: PathArg, kind: str | None = None) -> list[dict[str, Any]]:
@@ -577,7 +542,7 @@ def _last_event(run_dir: Path, kind: str, window: int = 64 * 1024, cap: int = 4 
             if begin > 0:
                 lines = lines[1:]  # probably cut in the middle
             for line in reversed(lines):
-                found = _parse_lines(line) if marker in line else []
+                found = parse_jsonl(line) if marker in line else []
                 if found and found[0].get("event") == kind:
                     return found[0]
             if begin == 0 or window >= cap:

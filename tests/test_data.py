@@ -19,6 +19,7 @@ from core.data import (
     DataConfig,
     DataError,
     DataSource,
+    Split,
     detect_layout,
     list_images,
     load_source,
@@ -204,6 +205,14 @@ def test_unstratified_split_sizes_and_seeds():
     assert len(split.valid) == 11
     other = split_items(source, DataConfig(valid_pct=0.2, seed=5, stratify=False))
     assert not np.array_equal(split.valid, other.valid)
+
+
+def test_a_split_and_the_side_of_each_item_convert_both_ways():
+    sides = ["valid", "train", "test", "train", "valid", "train"]
+    split = Split.from_sides(sides)
+    assert split.train.tolist() == [1, 3, 5] and split.valid.tolist() == [0, 4] and split.test.tolist() == [2]
+    assert split.sides(len(sides)).tolist() == sides
+    assert Split(np.array([0]), np.array([2])).sides(3).tolist() == ["train", "", "valid"]  # item 1 on no side
 
 
 def _assert_groups_not_split(source: DataSource, split, group_of) -> None:

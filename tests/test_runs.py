@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from core import runs
+from core.stamps import fmt_duration, stamped_id
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HAS_PROC = Path("/proc/self/cmdline").exists()
@@ -85,11 +86,17 @@ def test_create_writes_config_then_created_status(tmp_path: Path) -> None:
 def test_run_ids_are_unique_sortable_and_safe(tmp_path: Path) -> None:
     made = [runs.create({}, root=tmp_path, name_hint="x").name for _ in range(30)]
     assert len(set(made)) == 30
-    odd = runs.new_run_id("../../Étrange name!")
+    odd = stamped_id("../../Étrange name!")
     stamp_after = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     assert re.fullmatch(r"\d{8}-\d{6}-[a-z0-9-]+-[0-9a-f]{4}", odd) and "/" not in odd and ".." not in odd
     assert made[0][:15] <= odd[:15] <= stamp_after  # fixed-width UTC stamp first: string order is time order
-    assert re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{4}", runs.new_run_id())
+    assert re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{4}", stamped_id())
+
+
+def test_durations_read_as_a_clock() -> None:
+    assert [fmt_duration(s) for s in (0, 4.6, 65, 3599.4, 3600, 3723, 90061)] == [
+        "0:00", "0:05", "1:05", "59:59", "1:00:00", "1:02:03", "25:01:01"]
+    assert fmt_duration(None) == fmt_duration(float("nan")) == fmt_duration(float("inf")) == "–"
 
 
 def test_write_status_merges_and_stamps(tmp_path: Path) -> None:

@@ -328,16 +328,9 @@ def prepare(cfg: DataConfig) -> tuple[DataSource, list[BadImage], Split]:
     return _prepare(json.dumps(asdict(cfg), sort_keys=True), listing_signature(cfg.path))
 
 
-def item_sides(source: DataSource, split: Split) -> np.ndarray:
-    sides = np.full(len(source), "train", dtype=object)
-    sides[split.valid] = "valid"
-    sides[split.test] = "test"
-    return sides
-
-
 def split_counts(source: DataSource, split: Split) -> pd.DataFrame:
     """One row per (class, side) with its number of images; multi-label items count once per label."""
-    sides = item_sides(source, split)
+    sides = split.sides(len(source))
     rows = [(label, side) for labels, side in zip(source.labels, sides) for label in labels]
     table = pd.DataFrame(rows, columns=["class", "split"]).value_counts().rename("images").reset_index()
     return table
@@ -511,8 +504,8 @@ def render_gallery(source: DataSource, split: Split) -> None:
     st.subheader("Gallery", anchor=False)
     vocab = source.vocab
     counts = source.class_counts()
-    sides = item_sides(source, split)
-    present = [s for s in ("train", "valid", "test") if (sides == s).any()]
+    sides = split.sides(len(source))
+    present = [s for s in data.SIDES if (sides == s).any()]
     with st.container(horizontal=True, gap="medium", vertical_alignment="bottom"):
         label = lambda c: f"{c} ({counts[c]})"
         if len(vocab) <= 6:

@@ -46,6 +46,7 @@ from core.model import (
     pretrained_available,
     pretrained_cache_path,
 )
+from core.stamps import fmt_duration
 from core.train import BUNDLE, OPTIMIZERS, SCHEDULES, TrainConfig
 from ui import charts
 from ui.cache import thumb
@@ -205,15 +206,6 @@ def run_view(run_dir: Path) -> RunView:
 
 
 # ---------------------------------------------------------------- small helpers
-
-
-def fmt_seconds(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "–"
-    seconds = round(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def safe_status(run_dir: Path) -> dict:
@@ -769,7 +761,7 @@ def _sweep_estimate_line(cfg: TrainConfig, facts: DataFacts) -> None:
     estimate = _estimate(json.dumps(cfg.to_dict(), sort_keys=True), facts.n_train, str(root), root.stat().st_mtime_ns)
     basis = (f"step times of run `{estimate.measured_on}`" if estimate.measured_on
              else "a rough guess for this machine; a first run will time it")
-    st.caption(f":material/timer: With these settings a sweep takes about **{fmt_seconds(estimate.seconds)}**: "
+    st.caption(f":material/timer: With these settings a sweep takes about **{fmt_duration(estimate.seconds)}**: "
                f"up to {estimate.steps} steps, fewer once the loss clearly climbs ({basis}).")
 
 
@@ -998,14 +990,14 @@ def _progress(view: RunView) -> None:
             phase = "validating"
         elapsed = time.time() - view.session_start if view.session_start else None
         text = (f"Epoch {runs.epoch_number(epoch)}/{view.total_epochs}{frozen} · {phase} · "
-                f"{fmt_seconds(elapsed)} elapsed · about {fmt_seconds(view.eta())} left")
+                f"{fmt_duration(elapsed)} elapsed · about {fmt_duration(view.eta())} left")
     st.progress(done, text=text)
 
 
 def _done(status: dict, view: RunView) -> None:
     begin, end = status.get("running_at") or status.get("started_at"), status.get("finished_at")
     timed = isinstance(begin, (int, float)) and isinstance(end, (int, float))
-    took = f" in {fmt_seconds(end - begin)}" if timed else ""
+    took = f" in {fmt_duration(end - begin)}" if timed else ""
     parts = []
     if len(view.epochs):
         last = view.epochs.iloc[-1]
@@ -1051,7 +1043,7 @@ def _epoch_table(view: RunView) -> None:
     table = view.epochs.drop(columns=[c for c in ("step",) if c in view.epochs], errors="ignore").copy()
     table["epoch"] = runs.epoch_number(table["epoch"])
     if "seconds" in table:
-        table["time"] = table.pop("seconds").map(fmt_seconds)
+        table["time"] = table.pop("seconds").map(fmt_duration)
     number = st.column_config.NumberColumn(format="%.4f")
     st.dataframe(table, hide_index=True, width="stretch",
                  column_config={c: number for c in table.columns if c not in ("epoch", "time")})
