@@ -5,10 +5,21 @@ import streamlit as st
 from ui.auth import auth_configured, logged_in, login_page, render_account
 from ui.sidebar import render_sidebar
 
-st.set_page_config(page_title="Loupe", page_icon=":material/center_focus_strong:", layout="wide")
+# An emoji tab icon is drawn by the browser itself; a ":material/...:" one is fetched from Google's font server,
+# which an offline machine cannot reach (a failed request on every page).
+st.set_page_config(page_title="Loupe", page_icon="🔍", layout="wide")
+
+DATA = st.Page("app_pages/data.py", title="Data", icon=":material/photo_library:", url_path="data")
+
+
+def home() -> None:
+    """The app's root URL opens Data at its own path, so /data works as a deep link like every other page
+    (Streamlit serves a default page only at the root)."""
+    st.switch_page(DATA)
+
 
 pages = {
-    "Data": [st.Page("app_pages/data.py", title="Data", icon=":material/photo_library:", default=True)],
+    "Data": [st.Page(home, title="Loupe", url_path="home", default=True, visibility="hidden"), DATA],
     "Train": [st.Page("app_pages/train.py", title="Train", icon=":material/model_training:")],
     "Analyse": [
         st.Page("app_pages/interpret.py", title="Interpret", icon=":material/insights:"),

@@ -40,10 +40,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def streamlit_server(home: Path, timeout: float = 90) -> Iterator[str]:
-    """Serve app.py with LOUPE_HOME=home; yields the base URL; stops the server afterwards."""
+def streamlit_server(home: Path, timeout: float = 90, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Serve app.py with LOUPE_HOME=home (and `env` on top); yields the base URL; stops the server afterwards."""
     port = free_port()
-    env = {**os.environ, "LOUPE_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "LOUPE_HOME": str(home), "PYTHONUNBUFFERED": "1", **(env or {})}
     log = open(home / "streamlit.log", "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.headless", "true"],
@@ -91,3 +91,27 @@ def wait_for_app(page, timeout_ms: int = 90_000) -> None:
         else:
             quiet_since = None
         time.sleep(0.2)
+
+
+def watch_network(context) -> list[str]:
+    """Record every request of a browser context that fails or leaves this machine (the app promises to need no
+    network: an offline machine would see each one fail); returns the list it keeps appending to."""
+    problems: list[str] = []
+    local = ("http://localhost:", "http://127.0.0.1:", "ws://localhost:", "ws://127.0.0.1:", "data:", "blob:")
+
+    def on_request(request) -> None:
+        if not request.url.startswith(local):
+            problems.append(f"left the machine: {request.url}")
+
+    def on_failed(request) -> None:
+        if request.failure != "net::ERR_ABORTED":  # a reload or a page switch cancels what is in flight
+            problems.append(f"failed: {request.url} ({request.failure})")
+
+    context.on("request", on_request)
+    context.on("requestfailed", on_failed)
+    return problems
+
+
+def no_dialog(page) -> bool:
+    """No Streamlit modal (such as "Page not found") is open on `page`."""
+    return page.locator("[role='dialog']").count() == 0 and page.get_by_text("Page not found").count() == 0

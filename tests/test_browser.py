@@ -6,12 +6,14 @@ it fails instead. Screenshots of every page land in tests/artifacts/ for people 
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 
 import pytest
+from browser_support import CHROMIUM_ARGS, find_chromium, no_dialog, streamlit_server, wait_for_app, watch_network
 
-from browser_support import CHROMIUM_ARGS, find_chromium, streamlit_server, wait_for_app
 from core import runs
 from core.data import DataConfig
 from core.demo import DemoSpec, make_demo_dataset
@@ -21,7 +23,8 @@ from core.model import ModelConfig
 from core.train import TrainConfig
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-PAGES = ["", "train", "interpret", "clean", "predict", "runs"]
+PAGES = ["", "data", "train", "interpret", "clean", "predict", "runs"]
+RUN_TIMEOUT_S = 300  # the demo's default run: seconds on a free CPU, longer on a shared one
 
 chromium = find_chromium()
 if chromium is None:
@@ -66,11 +69,11 @@ def test_the_workflow_in_a_real_browser(workspace):
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
 
-        for name in PAGES:
+        for name in PAGES[1:]:
             page.goto(f"{url}/{name}")
             wait_for_app(page)
             assert page.locator("[data-testid='stException']").count() == 0, f"exception on page {name!r}"
-            page.screenshot(path=str(ARTIFACTS / f"{name or 'data'}.png"), full_page=True)
+            page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
         # Interpret: the top-losses gallery shows real images.
         page.goto(f"{url}/interpret")
@@ -91,3 +94,84 @@ def test_the_workflow_in_a_real_browser(workspace):
         page.screenshot(path=str(ARTIFACTS / "predict-upload.png"), full_page=True)
         browser.close()
     assert not errors, errors
+
+
+@pytest.fixture
+def fresh_home(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """An empty workspace, and a torch hub folder without any weights: a first start on an offline machine."""
+    (tmp_path / "home").mkdir()
+    (tmp_path / "torch-hub").mkdir()
+    return tmp_path / "home", {"TORCH_HOME": str(tmp_path / "torch-hub")}
+
+
+def _open(page, url: str) -> None:
+    page.goto(url)
+    wait_for_app(page)
+    assert no_dialog(page), f"a dialog on {url}"
+    assert page.locator("[data-testid='stException']").count() == 0, f"exception on {url}"
+
+
+def _form(page) -> dict:
+    """What the Train form shows, by the TrainConfig field it sets."""
+    return {
+        "arch": page.locator(".st-key-train_arch input").input_value(),
+        "pretrained": page.locator(".st-key-train_pretrained input[type='checkbox']").is_checked(),
+        "schedule": page.locator(".st-key-train_schedule input").input_value(),
+        "epochs": page.locator(".st-key-train_epochs input").input_value(),
+        "lr": page.locator(".st-key-train_lr input").input_value(),
+        "size": page.locator(".st-key-train_size input").input_value(),
+        "batch_size": page.locator(".st-key-train_bs input").input_value(),
+    }
+
+
+def test_a_fresh_offline_start_opens_every_page_by_its_path_and_trains_the_demo_with_the_defaults(fresh_home):
+    """Issue 17: every page's own path works as the first request to a fresh server (no "Page not found").
+    Issue 10: nothing is fetched from the network (the tab icon was); the demo trains to `done` with the
+    form's defaults (only fewer epochs, which keeps this quick and tells the run's settings from the
+    defaults); after a reload the form holds that run's settings."""
+    home, offline = fresh_home
+    with streamlit_server(home, env=offline) as url, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        network = watch_network(context)
+        for name in PAGES[1:] + [""]:  # /data first: the deep link a fresh server used to miss
+            _open(context.new_page(), f"{url}/{name}")
+        page = context.new_page()
+        _open(page, url)
+        assert page.url.rstrip("/").endswith("/data")  # the root opens Data at its own path
+        assert page.locator("link[rel='shortcut icon']").get_attribute("href").startswith("data:")
+
+        page.locator(".st-key-data_demo button").click()
+        page.get_by_text("circle", exact=False).first.wait_for(timeout=60_000)
+        wait_for_app(page)
+        page.locator("[data-testid='stSidebarNav'] a", has_text="Train").click()
+        page.wait_for_url("**/train")
+        page.get_by_role("heading", name="Train").wait_for(timeout=60_000)
+        wait_for_app(page)
+        epochs = page.locator(".st-key-train_epochs input")
+        epochs.fill("1")
+        epochs.press("Enter")
+        wait_for_app(page)
+        page.locator(".st-key-train_start button").click()
+        wait_for_app(page)
+        [run_dir] = [p for p in (home / "runs").iterdir() if p.is_dir()]
+        final = runs.wait(run_dir, timeout=RUN_TIMEOUT_S)
+        assert final["state"] == runs.DONE, final
+        header = page.locator("[data-testid='stMain'] h4", has_text=run_dir.name)
+        header.filter(has_text=re.compile(r"\bdone\s*$")).wait_for(timeout=60_000)  # the live view saw it end
+
+        page.reload()
+        page.get_by_role("heading", name="Train").wait_for(timeout=60_000)
+        wait_for_app(page)
+        config = json.loads((run_dir / runs.CONFIG_FILE).read_text())
+        shown = _form(page)
+        assert config["model"]["pretrained"] is False and config["schedule"] == "one_cycle"  # offline defaults
+        assert config["epochs"] == 1
+        assert shown == {
+            "arch": config["model"]["arch"], "pretrained": config["model"]["pretrained"], "schedule": config["schedule"],
+            "epochs": str(config["epochs"]), "lr": f"{config['lr']:g}", "size": str(config["data"]["size"]),
+            "batch_size": str(config["data"]["batch_size"]),
+        }
+        page.screenshot(path=str(ARTIFACTS / "train-after-reload.png"), full_page=True)
+        browser.close()
+    assert not network, network
