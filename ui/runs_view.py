@@ -77,11 +77,7 @@ def has_model(run_dir: str | Path) -> bool:
     return (Path(run_dir) / BUNDLE).is_file()
 
 
-MODEL_FROM = {  # how core.runs.exported_epoch chose the weights, as the Runs table says it
-    "best": "best epoch",
-    "last": "last epoch",
-    "stopped": "at the stop",
-}
+MODEL_FROM = {"best": "best", "last": "last", "stopped": "stop"}  # core.runs.exported_epoch's answer, in short
 
 
 def shown_epoch(history: History) -> tuple[dict[str, Any], str]:
@@ -132,28 +128,27 @@ def runs_table(listing: list[dict[str, Any]]) -> pd.DataFrame:
         if task == "train" and config.get("schedule") == "fine_tune" and isinstance(planned, int):
             planned += config.get("freeze_epochs") or 0
         shown, model_from = shown_epoch(history)
+        exported = has_model(info["path"]) and shown and model_from
         rows.append(
             {
                 "id": info["id"],
+                "created": datetime.fromtimestamp(info["created_at"]),
                 "state": info["state"],
                 "task": task,
                 "dataset": Path(data["path"]).name if data.get("path") else "",
-                "arch": model.get("arch") or "",
-                "size": data.get("size"),
+                "network": " · ".join(str(x) for x in (model.get("arch"), data.get("size") and f"{data['size']} px")
+                                      if x),
                 "epochs": f"{len(history.epochs)}/{planned}" if task == "train" and planned else "",
-                "epoch": runs.epoch_number(int(shown["epoch"])) if shown else None,
                 "valid loss": _number(shown, "valid_loss"),
                 "error rate": _number(shown, "error_rate"),
                 # multi-label runs log accuracy_multi instead of an error rate
                 "accuracy (multi-label)": _number(shown, "accuracy_multi"),
-                "model": model_from if has_model(info["path"]) else "",
+                "model": f"{runs.epoch_number(int(shown['epoch']))} · {model_from}" if exported else "",
                 "minutes": _duration_minutes(info),
                 "disk": runs.disk_usage(info["path"]) / 2**20,
-                "created": datetime.fromtimestamp(info["created_at"]),
             }
         )
     table = pd.DataFrame(rows)
-    table["epoch"] = table["epoch"].astype("Int64")
     return table.drop(columns=[name for name, says_nothing in OPTIONAL_COLUMNS.items() if says_nothing(table[name])])
 
 
@@ -162,33 +157,34 @@ OPTIONAL_COLUMNS = {
     "task": lambda col: (col == "train").all(),
     "accuracy (multi-label)": lambda col: col.isna().all(),
 }
+# Sized to fit a 1400-pixel-wide window beside the sidebar: a column past the edge is a column nobody sees.
 TABLE_COLUMNS = {
-    "id": st.column_config.TextColumn("run", width=215),
-    "state": st.column_config.TextColumn("state", width=65),
-    "task": st.column_config.TextColumn("task", width=65),
-    "dataset": st.column_config.TextColumn("dataset", width=80),
-    "arch": st.column_config.TextColumn("arch", width=80),
-    "size": st.column_config.NumberColumn("size", format="%d px", width=55),
-    "epochs": st.column_config.TextColumn("epochs", help="epochs finished / planned", width=55),
-    "epoch": st.column_config.NumberColumn("epoch", format="%d", width=50,
-                                           help="the epoch the loss and error are from: the one the exported model "
-                                                "comes from, else (no model yet) the latest"),
-    "valid loss": st.column_config.NumberColumn("valid loss", format="%.4f", width=75,
-                                                help="validation loss of that epoch"),
-    "error rate": st.column_config.NumberColumn("error", format="percent", width=65,
-                                                help="validation error rate of that epoch"),
-    "accuracy (multi-label)": st.column_config.NumberColumn("accuracy", format="percent", width=75,
-                                                            help="multi-label runs: accuracy_multi of that epoch"),
-    "model": st.column_config.TextColumn("model", width=85,
-                                         help="the exported model (model.safetensors) holds the weights of: the "
-                                              "last epoch; the best epoch (lowest valid loss, with Keep the best "
-                                              "epoch); or those at the stop, part way into the next epoch"),
-    "minutes": st.column_config.NumberColumn("duration", format="%.1f min", width=70,
+    "id": st.column_config.TextColumn("run", width=190, pinned=True),
+    "created": st.column_config.DatetimeColumn("created", format="MM-DD HH:mm", width=90),
+    "state": st.column_config.TextColumn("state", width=60),
+    "task": st.column_config.TextColumn("task", width=60),
+    "dataset": st.column_config.TextColumn("dataset", width=85),
+    "network": st.column_config.TextColumn("network", width=105, help="architecture · image size"),
+    "epochs": st.column_config.TextColumn("epochs", help="epochs finished / planned", width=50),
+    "valid loss": st.column_config.NumberColumn("valid loss", format="%.4f", width=70,
+                                                help="validation loss of the model's epoch (see model), else of "
+                                                     "the latest epoch"),
+    "error rate": st.column_config.NumberColumn("error", format="percent", width=55,
+                                                help="validation error rate of the model's epoch (see model), else "
+                                                     "of the latest epoch"),
+    "accuracy (multi-label)": st.column_config.NumberColumn("accuracy", format="percent", width=70,
+                                                            help="multi-label runs: accuracy_multi of the model's "
+                                                                 "epoch"),
+    "model": st.column_config.TextColumn("model", width=65,
+                                         help="the epoch the exported model comes from, and why: the last epoch; "
+                                              "the best one (lowest valid loss, with Keep the best epoch); or the "
+                                              "weights at a stop, part way into the epoch after it. Empty: no model "
+                                              "yet"),
+    "minutes": st.column_config.NumberColumn("duration", format="%.1f min", width=65,
                                              help="training time (so far, while active)"),
-    "disk": st.column_config.NumberColumn("disk", format="%.0f MB", width=70,
+    "disk": st.column_config.NumberColumn("disk", format="%.0f MB", width=60,
                                           help="space the run's folder takes; a run keeps its checkpoint (the "
                                                "model with the optimizer's state) only while it can be resumed"),
-    "created": st.column_config.DatetimeColumn("created", format="MM-DD HH:mm", width=105),
 }
 
 
