@@ -14,11 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PRESIZE_RATIO = 1.15  # a little above the training size, so random crops keep detail and edges
+PRESIZE_VERSION = 2  # part of the decode cache's key: raise it whenever `presize` gives other pixels
 
 
 def presize_side(size: int) -> int:
@@ -26,14 +27,9 @@ def presize_side(size: int) -> int:
 
 
 def presize(img: Image.Image, side: int) -> np.ndarray:
-    """RGB PIL image -> uint8 array [3, side, side]: shorter side resized to `side`, centre-cropped."""
-    w, h = img.size
-    scale = side / min(w, h)
-    new_w, new_h = max(side, round(w * scale)), max(side, round(h * scale))
-    img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=2.0)
-    left, top = (new_w - side) // 2, (new_h - side) // 2
-    img = img.crop((left, top, left + side, top + side))
-    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+    """RGB PIL image -> uint8 array [3, side, side]: the centre square, resized to `side`."""
+    square = ImageOps.fit(img, (side, side), Image.Resampling.BILINEAR)
+    return np.ascontiguousarray(np.asarray(square, dtype=np.uint8).transpose(2, 0, 1))
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,9 @@ from pathlib import Path
 from PIL import Image
 
 from core.data import DEFAULT_MAX_PIXELS, list_images
-from core.images import HEIF_REASON, is_heif_header
 from core.env import workspace_dir
 from core.fileio import append_jsonl, atomic_write_bytes, read_jsonl
-from core.model import prepare_image
+from core.images import HEIF_REASON, is_heif_header, jpeg_bytes, upright_rgb
 
 FEEDBACK_DIR = "feedback"
 LOG_FILE = ".feedback_log.jsonl"
@@ -125,7 +124,7 @@ def read_image(
 
 def _upright(img: Image.Image) -> Image.Image:
     try:
-        return prepare_image(img)
+        return upright_rgb(img)
     except (TypeError, SyntaxError, struct.error):  # a malformed EXIF block: keep the pixels as stored
         return img.convert("RGB")
 
@@ -143,9 +142,7 @@ def preview_jpeg(img: Image.Image, size: int = 384, quality: int = 85) -> bytes:
     """JPEG bytes of `img` fitting in size x size: what a page sends to the browser instead of the upload."""
     small = img.copy()
     small.thumbnail((size, size))
-    buffer = io.BytesIO()
-    small.convert("RGB").save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
+    return jpeg_bytes(small, quality)
 
 
 # ---------------------------------------------------------------- the feedback dataset

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from core.augment import presize
-from core.images import DEFAULT_MAX_PIXELS, open_image
+from core.augment import PRESIZE_VERSION, presize
 from core.env import workspace_dir
 from core.fileio import atomic_write, file_version_key
+from core.images import DEFAULT_MAX_PIXELS, open_image
 
 MEMORY_BUDGET = 2 * 2**30  # bytes of decoded images kept in this process's memory
 
@@ -51,7 +51,7 @@ class DecodedImages:
         if i in self.memory:
             return self.memory[i]
         path = self.files[i]
-        entry = self.folder / f"{file_version_key(path, self.side)}.npy"
+        entry = self.folder / f"{file_version_key(path, (self.side, PRESIZE_VERSION))}.npy"
         try:
             array = np.load(entry, allow_pickle=False)
         except (FileNotFoundError, ValueError, EOFError):

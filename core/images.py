@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -100,6 +101,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+def upright_rgb(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation (phone photos are stored sideways) and convert any mode to RGB."""
+    return to_rgb(ImageOps.exif_transpose(img))
+
+
+def jpeg_bytes(img: Image.Image, quality: int = 85) -> bytes:
+    """`img` encoded as JPEG: what pages send to the browser instead of the original file."""
+    buffer = io.BytesIO()
+    (img if img.mode == "RGB" else img.convert("RGB")).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
 def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None = None) -> Image.Image:
     """Open an image upright (EXIF orientation applied) as RGB, refusing decompression bombs.
 
@@ -120,4 +133,4 @@ def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, dr
         if draft:
             img.draft(None, (draft, draft))
         img.load()  # animated GIFs and multi-page TIFFs: the first frame
-        return to_rgb(ImageOps.exif_transpose(img))
+        return upright_rgb(img)

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 import safetensors
 import safetensors.torch
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import nn
 from torchvision.models import get_model, get_model_weights
 
@@ -28,7 +28,7 @@ from core.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, presize, presiz
 from core.data import MAX_SIZE, MIN_SIZE
 from core.env import resolve_device
 from core.fileio import atomic_write, create_file
-from core.images import to_rgb
+from core.images import upright_rgb
 
 HEADS = ("fastai", "linear")
 TASKS = ("single_label", "multi_label")
@@ -560,15 +560,10 @@ def load_bundle(path: str | Path, device: torch.device | str | None = None) -> B
 # ---------------------------------------------------------------------------------------------- prediction
 
 
-def prepare_image(image: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation (phone photos are stored sideways) and convert any mode to RGB."""
-    return to_rgb(ImageOps.exif_transpose(image))
-
-
 def preprocess(bundle: Bundle, images: Sequence[Image.Image]) -> torch.Tensor:
     """A normalised float batch on the bundle's device, made exactly as validation batches are made."""
     side, size = presize_side(bundle.meta.size), bundle.meta.size
-    raw = torch.stack([torch.from_numpy(presize(prepare_image(im), side)) for im in images])
+    raw = torch.stack([torch.from_numpy(presize(upright_rgb(im), side)) for im in images])
     return normalize(resize_batch(raw.to(bundle.device), size), bundle.meta.mean, bundle.meta.std)
 
 

@@ -6,13 +6,12 @@ so an edited or replaced image gets a fresh thumbnail and stale ones are simply 
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
-from core.images import DEFAULT_MAX_PIXELS, open_image
 from core.env import workspace_dir
 from core.fileio import atomic_write_bytes, file_version_key
+from core.images import DEFAULT_MAX_PIXELS, jpeg_bytes, open_image
 
 THUMB_SIZE = 192
 
@@ -29,8 +28,6 @@ def thumbnail(path: str | os.PathLike, size: int = THUMB_SIZE, max_pixels: int =
         return cached.read_bytes()
     img = open_image(path, max_pixels, draft=size * 2)  # JPEGs decode at reduced scale: fast for big photos
     img.thumbnail((size, size))
-    buffer = io.BytesIO()
-    img.save(buffer, format="JPEG", quality=85)
-    data = buffer.getvalue()
+    data = jpeg_bytes(img)
     atomic_write_bytes(cached, data)
     return data

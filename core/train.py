@@ -580,13 +580,8 @@ def get_preds(learner: Learner, loader: DataLoader) -> Preds:
 
 def _first_of_each(ids: torch.Tensor) -> torch.Tensor:
     """Positions of the first occurrence of each id, in order of appearance."""
-    seen: set[int] = set()
-    keep = []
-    for k, i in enumerate(ids.tolist()):
-        if i not in seen:
-            seen.add(i)
-            keep.append(k)
-    return torch.tensor(keep, dtype=torch.long)
+    first = np.unique(ids.cpu().numpy(), return_index=True)[1]  # sorted by id: sort again for appearance
+    return torch.from_numpy(np.sort(first)).long()
 
 
 def gather_preds(preds: Preds) -> Preds:

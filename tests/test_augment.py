@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from core.augment import BatchAugment, normalize, presize, presize_side, resize_batch
+from core.fileio import file_version_key
 from core.imagecache import DecodedImages, cache_size_bytes
 
 
@@ -88,3 +89,13 @@ def test_decoded_images_are_cached_on_disk_and_invalidated_when_a_file_changes(t
     files[1].unlink()
     with pytest.raises(OSError):
         DecodedImages(files, side=20, root=cache)[1]
+
+
+def test_decoded_images_from_an_older_presize_are_never_read(tmp_path):
+    """The cache key carries PRESIZE_VERSION: an entry keyed as before (side only) belongs to an older presize."""
+    path = tmp_path / "img.png"
+    Image.fromarray(np.full((30, 50, 3), 200, dtype=np.uint8)).save(path)
+    stale = tmp_path / "cache" / "20" / f"{file_version_key(path, 20)}.npy"
+    stale.parent.mkdir(parents=True)
+    np.save(stale, np.zeros((3, 20, 20), dtype=np.uint8))
+    assert DecodedImages([path], side=20, root=tmp_path / "cache")[0].min() == 200

@@ -14,10 +14,11 @@ from typing import Any
 
 import pandas as pd
 import streamlit as st
-from PIL import Image
+from PIL import Image, ImageOps
 
 from core import clean, interpret, runs
 from core.env import check_data_path
+from core.images import jpeg_bytes
 from ui.cache import run_table, thumb
 from ui.state import current_run, latest_run_where
 
@@ -28,14 +29,8 @@ PAD_COLOUR = (240, 242, 246)  # Streamlit's secondary background: the letterbox 
 @st.cache_data(max_entries=4096, show_spinner=False)
 def _square(data: bytes, size: int) -> bytes:
     img = Image.open(io.BytesIO(data)).convert("RGB")
-    # Fit the box both ways: small images (a 32 px dataset) are scaled up so every cell looks alike.
-    scale = size / max(img.width, img.height)
-    img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.LANCZOS)
-    canvas = Image.new("RGB", (size, size), PAD_COLOUR)
-    canvas.paste(img, ((size - img.width) // 2, (size - img.height) // 2))
-    out = io.BytesIO()
-    canvas.save(out, format="JPEG", quality=85)
-    return out.getvalue()
+    # Fits the box both ways: small images (a 32 px dataset) are scaled up so every cell looks alike.
+    return jpeg_bytes(ImageOps.pad(img, (size, size), Image.Resampling.LANCZOS, color=PAD_COLOUR))
 
 
 def square_thumb(path: str | Path, size: int = THUMB_SIZE) -> bytes | None:
