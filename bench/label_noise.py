@@ -12,8 +12,9 @@ with known flips planted: `random` moves --frac of all images to a uniformly cho
 trains on that copy in a child process of its own (same model, size, batch, epochs, learning rate, seed,
 no augmentation unless --aug) and returns a score per file (higher = more likely mislabelled) and the files
 it flags. This process prints, per contender and seed: recall@k (k = the number of flips: the share of
-flips among the k highest scores), recall@2k, precision of the flagged set, AUROC, the valid error
-(against the given, partly flipped labels) and the seconds it took.
+flips among the k highest scores), recall@2k, precision and recall of the flagged set (for the in-sample
+rankings: the images whose prediction differs from their label), AUROC, the valid error (against the
+given, partly flipped labels) and the seconds it took.
 
 A contender is one function `(data_dir, args, work_dir) -> dict` in CONTENDERS returning
 `{"scores": {file: score}, "flagged": [file, ...], "valid_error": float, ...}`, files relative to
@@ -222,6 +223,7 @@ def evaluate(result: dict, flipped: list[str]) -> dict:
         "recall@k": positive[order[:k]].mean(),
         "recall@2k": positive[order[: 2 * k]].sum() / k,
         "precision": len(flagged & truth) / max(len(flagged), 1),
+        "flag_recall": len(flagged & truth) / k,
         "flagged": len(flagged),
         "auroc": auroc(scores, positive),
         "valid_error": result.get("valid_error", float("nan")),
@@ -313,7 +315,7 @@ def main() -> int:
 
 def table(rows: list[dict]) -> str:
     df = pd.DataFrame(rows)
-    cols = ["recall@k", "recall@2k", "precision", "flagged", "auroc", "valid_error", "seconds"]
+    cols = ["recall@k", "recall@2k", "precision", "flag_recall", "flagged", "auroc", "valid_error", "seconds"]
     mean = df.groupby("ranking", sort=False)[cols].mean().reset_index().assign(seed="mean")
     df = pd.concat([df, mean], ignore_index=True) if df["seed"].nunique() > 1 else df
     lines = ["| ranking | seed | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
