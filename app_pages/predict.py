@@ -1,15 +1,13 @@
 """Predict: a trained model on new images (uploads or a camera shot); wrong answers become a feedback dataset."""
 
-from pathlib import Path
 
 import streamlit as st
 
-from core import runs
 from core.env import runs_dir
 from core.feedback import MAX_UPLOAD_BYTES, MAX_UPLOAD_MB, digest_of, feedback_counts, feedback_dir
 from core.model import BundleError
-from core.train import BUNDLE
-from ui.cache import run_bundle
+from core.runlist import list_runs
+from ui.cache import run_bundle, split_line
 from ui.predict_view import (
     MODEL_KEY,
     classify,
@@ -20,19 +18,18 @@ from ui.predict_view import (
     results_table,
     show_one,
 )
-from ui.runs_view import split_line
 
 st.title("Predict")
-models = [info for info in runs.list_runs(runs_dir()) if (Path(info["path"]) / BUNDLE).is_file()]
+models = [info for info in list_runs(runs_dir()) if info.has_model() and info.config is not None]
 if not models:
     st.info("No trained model yet: train one on **Train**; every finished run can then be used here.")
     st.stop()
 
-by_id = {info["id"]: info for info in models}
+by_id = {info.id: info for info in models}
 follow_current_run(list(by_id))
 run_id = st.selectbox("Model", list(by_id), key=MODEL_KEY, format_func=lambda i: model_label(by_id[i]),
                       on_change=pick_model)
-run_dir = Path(by_id[run_id]["path"])
+run_dir = by_id[run_id].path
 try:
     bundle = run_bundle(run_dir)
 except (BundleError, OSError, ValueError, RuntimeError) as e:
@@ -41,7 +38,7 @@ except (BundleError, OSError, ValueError, RuntimeError) as e:
 meta = bundle.meta
 multi = meta.task == "multi_label"
 kind = f"multi-label (a label counts above {meta.threshold:.0%})" if multi else "one label per image"
-split = split_line(run_dir, by_id[run_id]["config"])
+split = split_line(run_dir, by_id[run_id].config)
 st.caption(f"{len(meta.vocab)} classes: {', '.join(meta.vocab)} · {kind} · {meta.arch} at {meta.size} px"
            + (f" · {split}" if split else ""))
 
@@ -65,7 +62,7 @@ else:
     files = [shot] if shot is not None else []
 
 results, rejected = [], []
-bundle_mtime = (run_dir / BUNDLE).stat().st_mtime
+bundle_mtime = by_id[run_id].run.bundle.stat().st_mtime
 with st.spinner(f"Classifying {len(files)} images…"):
     for f in files:
         if f.size > MAX_UPLOAD_BYTES:  # the browser enforces the limit too, but never trust the client

@@ -7,18 +7,16 @@ import streamlit as st
 
 from core import runs
 from core.env import runs_dir
-from core.job import checkpoint_bytes, remove_checkpoints
-from core.train import BUNDLE
+from core.rundir import checkpoint_bytes, remove_checkpoints
+from core.runlist import list_runs
+from ui.cache import split_line
 from ui.runs_view import (
     TABLE_COLUMNS,
     compare_figure,
-    config_lines,
     epoch_history,
-    has_model,
     history_of,
     model_origin,
     runs_table,
-    split_line,
 )
 from ui.state import current_run, set_run
 
@@ -53,8 +51,8 @@ def drop_checkpoint(run_dir: Path) -> None:
     except OSError as e:
         st.session_state[NOTICE_KEY] = ("error", f"The checkpoint was not deleted: {e}")
         return
-    freed_mb = freed / 2**20
-    st.session_state[NOTICE_KEY] = ("success", f"Deleted the checkpoint of run {run_dir.name}: {freed_mb:.0f} MB freed.")
+    message = f"Deleted the checkpoint of run {run_dir.name}: {freed / 2**20:.0f} MB freed."
+    st.session_state[NOTICE_KEY] = ("success", message)
 
 
 def read_bundle(path: Path) -> bytes:
@@ -66,7 +64,7 @@ notice = st.session_state.pop(NOTICE_KEY, None)
 if notice:
     getattr(st, notice[0])(notice[1])
 
-listing = runs.list_runs(runs_dir())
+listing = list_runs(runs_dir())
 if not listing:
     st.info("No runs yet: train a model on **Train**, and every run will be listed here.")
     st.stop()
@@ -89,7 +87,7 @@ if not selected:
     st.stop()
 
 st.subheader("Compare" if len(selected) > 1 else "Curves")
-histories = {info["id"]: epoch_history(info["path"]) for info in selected}
+histories = {info.id: epoch_history(info.path) for info in selected}
 if any(not h.empty for h in histories.values()):
     st.plotly_chart(compare_figure(histories), key="runs_compare_chart", config={"displaylogo": False})
 missing = [run_id for run_id, h in histories.items() if h.empty]
@@ -102,39 +100,40 @@ if len(selected) > 1:
     st.stop()
 
 info = selected[0]
-run_dir = Path(info["path"])
-st.subheader(f"Run {info['id']}")
+run_dir = info.path
+st.subheader(f"Run {info.id}")
 current = current_run()
-is_current = current is not None and current.name == info["id"]
-exported = model_origin(history_of(run_dir)) if has_model(run_dir) else ""
-st.markdown(f"State **{info['state']}**" + (f" · {exported}" if exported else "")
+is_current = current is not None and current.name == info.id
+exported = model_origin(history_of(run_dir)) if info.has_model() else ""
+st.markdown(f"State **{info.state}**" + (f" · {exported}" if exported else "")
             + (" · the current run" if is_current else ""))
-if info.get("error"):
-    st.error(info["error"])
-for line in config_lines(info["config"], split_line(run_dir, info["config"])):
-    st.markdown(line)
-with st.expander("Full config"):
-    st.json(info["config"], expanded=2)
+if info.error:
+    st.error(info.error)
+if info.config is not None:
+    split = split_line(run_dir, info.config) or "split not known yet: the run has not read its data"
+    st.markdown(f"**Settings** {info.config.summary(split)}")
+    with st.expander("Full config"):
+        st.json(info.config.to_dict(), expanded=2)
 
 open_col, train_col, interpret_col, download_col = st.columns(4)
 if open_col.button("Make it the current run", key="runs_make_current", icon=":material/check_circle:", width="stretch",
                    disabled=is_current, help="It is the current run already." if is_current else None):
-    set_run(info["id"])
+    set_run(info.id)
     st.rerun()
 if train_col.button("Open in Train", key="runs_open_train", icon=":material/model_training:", width="stretch"):
-    set_run(info["id"])
+    set_run(info.id)
     st.switch_page("app_pages/train.py")
-no_model = not has_model(run_dir)
+no_model = not info.has_model()
 if interpret_col.button("Open in Interpret", key="runs_open_interpret", icon=":material/insights:", width="stretch",
                         disabled=no_model, help="This run has no model yet." if no_model else None):
-    set_run(info["id"])
+    set_run(info.id)
     st.switch_page("app_pages/interpret.py")
-bundle = run_dir / BUNDLE
+bundle = info.run.bundle
 if bundle.is_file():
     download_col.download_button(
         f"Download model ({bundle.stat().st_size / 2**20:.0f} MB)",
         data=partial(read_bundle, bundle),  # read only when clicked: a model is tens of MB
-        file_name=f"{info['id']}.safetensors",
+        file_name=f"{info.id}.safetensors",
         mime="application/octet-stream",
         key="runs_download",
         icon=":material/download:",
@@ -145,18 +144,18 @@ else:
     download_col.button("No model to download", key="runs_download_none", disabled=True, width="stretch")
 
 held = checkpoint_bytes(run_dir)
-if held and info["state"] not in runs.ACTIVE_STATES:
-    resumable = info["state"] in (runs.STOPPED, runs.FAILED)
+if held and not info.active:
+    resumable = info.state in (runs.STOPPED, runs.FAILED)
     st.button(f"Delete its checkpoint ({held / 2**20:.0f} MB)", key="runs_drop_checkpoint",
               icon=":material/cleaning_services:", on_click=drop_checkpoint, args=(run_dir,),
               help="The checkpoint is only needed to resume the run; its model stays. "
               + ("After this, **Resume** is no longer possible." if resumable else "A finished run cannot be resumed."))
 
 with st.expander("Delete this run", icon=":material/delete:"):
-    if info["state"] in runs.ACTIVE_STATES:
-        st.warning(f"This run is {info['state']}: stop it on **Train** before deleting it.")
-    st.text_input(f"Type the run id **{info['id']}** to confirm", key=CONFIRM_KEY, placeholder=info["id"])
-    confirmed = st.session_state.get(CONFIRM_KEY, "").strip() == info["id"]
+    if info.active:
+        st.warning(f"This run is {info.state}: stop it on **Train** before deleting it.")
+    st.text_input(f"Type the run id **{info.id}** to confirm", key=CONFIRM_KEY, placeholder=info.id)
+    confirmed = st.session_state.get(CONFIRM_KEY, "").strip() == info.id
     st.button(
         "Delete run",
         key="runs_delete",

@@ -13,6 +13,7 @@ from pathlib import Path
 from core import runs
 from core.data import LAYOUTS, DataConfig, DataError, detect_layout
 from core.model import ARCHS, ModelConfig
+from core.rundir import LR_FIND, TRAIN, RunDir
 from core.train import SCHEDULES, TrainConfig
 
 
@@ -84,8 +85,8 @@ def _config_from_args(a: argparse.Namespace) -> TrainConfig:
     )
 
 
-def _prepare_run_dir(a: argparse.Namespace) -> Path:
-    """A run dir holding config.json: the one given (reusing its config when no DATA), or a new one."""
+def _prepare_run_dir(a: argparse.Namespace, task: str = TRAIN) -> Path:
+    """A run dir holding config.json: the one given (reusing its config when no DATA), or a new one for `task`."""
     if a.data is None:
         if a.run_dir is None or not (a.run_dir / runs.CONFIG_FILE).exists():
             raise DataError("Give a dataset folder, or a --run-dir that already holds a config.json.")
@@ -93,7 +94,7 @@ def _prepare_run_dir(a: argparse.Namespace) -> Path:
     cfg = _config_from_args(a)
     detect_layout(cfg.data)  # a missing or empty folder fails here, before a run directory is made
     if a.run_dir is None:
-        return runs.create(cfg.to_dict(), name_hint=cfg.model.arch)
+        return runs.create(cfg.to_dict(), name_hint=cfg.model.arch, task=task)
     if (a.run_dir / runs.CONFIG_FILE).exists():
         raise DataError(f"{a.run_dir} already holds a run; choose a new --run-dir or omit DATA to continue it.")
     if a.run_dir.exists() and not a.run_dir.is_dir():
@@ -105,7 +106,7 @@ def _prepare_run_dir(a: argparse.Namespace) -> Path:
     from core.job import check_run_dir
 
     check_run_dir(a.run_dir)  # not writable, or a full disk: refused before any file of the run is written
-    return runs.create_in(a.run_dir, cfg.to_dict())
+    return runs.create_in(a.run_dir, cfg.to_dict(), task)
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -159,9 +160,9 @@ def _shared_run_dir(a: argparse.Namespace, info) -> Path:
 def cmd_lr_find(a: argparse.Namespace) -> int:
     from core.job import run_lr_find
 
-    run_dir = _prepare_run_dir(a)
+    run_dir = _prepare_run_dir(a, LR_FIND)
     result = run_lr_find(run_dir, num_it=a.num_it, start_lr=a.start_lr, end_lr=a.end_lr)
-    print(f"LR finder: {len(result.lrs)} of {result.planned} steps, curve in {run_dir / 'lr_find.json'}")
+    print(f"LR finder: {len(result.lrs)} of {result.planned} steps, curve in {RunDir(run_dir).lr_find}")
     for name, lr in result.suggestions.items():
         print(f"  {name:<8} {lr:.2e}")
     return 0

@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.config import config_problem
 from core.data import LAYOUT_NAMES
 from core.fileio import LinkRefused, append_jsonl, file_lock, open_fd, read_json, read_jsonl
-from core.runs import CONFIG_FILE, config_problem
+from core.rundir import CONFIG_FILE, RunDir
 from core.stamps import stamped_id
 
 TRASH_DIR = ".trash"
@@ -524,10 +525,8 @@ class Dataset:
 
 def run_datasets(run_dir: str | os.PathLike) -> list[Dataset]:
     """The dataset folder a run trained on (as recorded when it started), then its extra training folders."""
-    from core.job import DATASET_RECORD  # lazy: core.job imports torch
-
-    record = read_json(Path(run_dir) / DATASET_RECORD)
-    config = read_json(Path(run_dir) / CONFIG_FILE)
+    record = read_json(RunDir(run_dir).dataset_record)
+    config = read_json(RunDir(run_dir).config)
     problem = config_problem(config) if isinstance(config, dict) else f"{CONFIG_FILE} does not hold a JSON object"
     if problem:
         raise ValueError(problem)

@@ -24,6 +24,21 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from core.augment import presize_side
+from core.config import (  # defined there, torch-free; re-exported here
+    LAYOUTS as LAYOUTS,
+)
+from core.config import (
+    MAX_SIZE as MAX_SIZE,
+)
+from core.config import (
+    MIN_SIZE as MIN_SIZE,
+)
+from core.config import (
+    PETS_REGEX as PETS_REGEX,
+)
+from core.config import (
+    DataConfig as DataConfig,
+)
 from core.env import default_num_workers
 from core.imagecache import DecodedImages
 from core.images import DEFAULT_MAX_PIXELS, BadImage, DataError, verify_images
@@ -31,7 +46,6 @@ from core.images import DEFAULT_MAX_PIXELS, BadImage, DataError, verify_images
 # .heic/.heif are listed although Pillow cannot read them, so they are reported with the reason
 # (core.images.HEIF_REASON) instead of vanishing from the dataset without a word.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif"})
-LAYOUTS = ("auto", "folders", "split_folders", "filename_regex", "csv")
 LAYOUT_NAMES = {
     "folders": "one folder per class",
     "split_folders": "train/valid folders, one subfolder per class",
@@ -39,57 +53,7 @@ LAYOUT_NAMES = {
     "csv": "labels in a CSV file",
 }
 VALID_DIR_NAMES = ("valid", "val", "validation")
-PETS_REGEX = r"^(.+)_\d+\.\w+$"
 MAX_LISTED = 1000  # CSV rows naming files that are not there: this many are listed, the rest only counted
-MIN_SIZE, MAX_SIZE = 16, 1024  # the image sizes, in pixels, a model may train (and a bundle may ask) for
-
-
-@dataclass
-class DataConfig:
-    """Where the data is, how it is labelled and split, and how images become tensors."""
-
-    path: str = ""  # dataset root folder
-    layout: str = "auto"  # one of LAYOUTS; "auto" detects it
-    label_regex: str = PETS_REGEX  # filename_regex layout: the first group is the label
-    csv_file: str | None = None  # csv layout: CSV path (relative to `path`); None finds the one CSV in the root
-    csv_fname_col: str | None = None  # csv layout: column of file names (default: the first column)
-    csv_label_col: str | None = None  # csv layout: column of labels (default: the second column)
-    label_delim: str = " "  # csv layout: separator between several labels of one image
-    valid_pct: float = 0.2  # share of items held out for validation (ignored when the layout fixes the split)
-    seed: int = 42  # seed of the split and of the data order
-    stratify: bool = True  # keep each class's share the same in train and valid
-    group_regex: str | None = None  # items whose path (else name) gives the same match or first group stay together
-    group_col: str | None = None  # csv layout: column naming each item's group
-    size: int = 224  # square side, in pixels, of the images the model sees
-    batch_size: int = 64  # images per training step per process: under DDP (torchrun, N processes) a step sees bs × N images
-    min_scale: float = 0.35  # smallest share of the image a random resized crop keeps
-    flip: bool = True  # random horizontal flips
-    flip_vert: bool = False  # vertical flips and 90-degree turns too, for overhead imagery
-    max_rotate: float = 10.0  # random rotation up to this many degrees (0 turns it off)
-    max_lighting: float = 0.2  # random brightness and contrast change up to this share (0 turns it off)
-    num_workers: int | None = None  # DataLoader worker processes; None picks from the cores available
-    max_pixels: int = DEFAULT_MAX_PIXELS  # images declaring more pixels are refused as decompression bombs
-    extra_train: list[str] = field(default_factory=list)  # one-folder-per-class datasets (e.g. Predict's
-    # feedback) whose images join the training side only, so validation stays comparable between runs
-
-    def __post_init__(self) -> None:
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {self.layout!r}.")
-        if not 0.0 <= self.valid_pct < 1.0:
-            raise ValueError(f"valid_pct must be in [0, 1), not {self.valid_pct}.")
-        if not MIN_SIZE <= self.size <= MAX_SIZE:
-            raise ValueError(f"size must be from {MIN_SIZE} to {MAX_SIZE} pixels, not {self.size}.")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, not {self.batch_size}.")
-        if not 0.0 < self.min_scale <= 1.0:
-            raise ValueError(f"min_scale must be in (0, 1], not {self.min_scale}.")
-        for name in ("label_regex", "group_regex"):
-            pattern = getattr(self, name)
-            if pattern:
-                try:
-                    re.compile(pattern)
-                except re.error as e:
-                    raise ValueError(f"{name} {pattern!r} is not a valid regular expression: {e}.") from None
 
 
 @dataclass

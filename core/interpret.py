@@ -16,7 +16,6 @@ decoding do, so a table's predictions and the trainer's multi-label metrics alwa
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import pandas as pd
 import torch
 
 from core.fileio import atomic_write
+from core.rundir import RunDir
 
 # Probabilities are clipped here before a log: a confidently wrong item gets a large, finite loss.
 EPS = 1e-12
@@ -34,7 +34,6 @@ PROB_PREFIX = "p_"
 TABLE_DTYPES = {"item": "int64", "file": "str", "split": "str", "actual": "str", "predicted": "str",
                 "prob_pred": "float64", "prob_actual": "float64", "loss": "float64", "correct": "bool"}
 REPORT_COLUMNS = ("precision", "recall", "f1", "support")
-_SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 ArrayLike = torch.Tensor | np.ndarray | Sequence
 
@@ -179,10 +178,8 @@ def table_probs(df: pd.DataFrame, vocab: Sequence[str]) -> np.ndarray:
 
 
 def table_path(run_dir: str | os.PathLike, split: str) -> Path:
-    """Where a run keeps the item table of one split: `<run_dir>/interpret_<split>.parquet`."""
-    if not _SPLIT_NAME.match(split):
-        raise ValueError(f"split must be a plain name (letters, digits, _ or -), not {split!r}.")
-    return Path(run_dir) / f"interpret_{split}.parquet"
+    """Where a run keeps the item table of one split (see core.rundir.RunDir.table)."""
+    return RunDir(run_dir).table(split)
 
 
 def save_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:

@@ -17,29 +17,49 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.utils.data import DataLoader
 
 from core import distributed, interpret, runs
-from core.data import DataLoaders, ShardSampler, make_loader, path_text, source_from_record, source_record
+from core.data import (
+    DataLoaders,
+    DataSource,
+    ShardSampler,
+    Split,
+    make_loader,
+    path_text,
+    source_from_record,
+    source_record,
+)
 from core.env import MIN_FREE_MB_ENV, min_free_mb, resolve_device
 from core.fileio import atomic_write_json, parse_jsonl, read_json
 from core.images import DataError
 from core.lrfind import LRFindResult, estimate_seconds, lr_find, measured_speed, sweep_steps
 from core.model import load_bundle
+
+# has_checkpoint, checkpoint_bytes and remove_checkpoints live with the run's paths; re-exported here
+from core.rundir import (  # noqa: F401
+    DATASET_RECORD_FILE,
+    LR_FIND,
+    LR_FIND_FILE,
+    checkpoint_bytes,
+    has_checkpoint,
+    remove_checkpoints,
+)
+from core.runlist import list_runs
 from core.stamps import fmt_duration
+from core.step import OnDevice, get_preds, make_loss
 from core.train import (
-    BEST_WEIGHTS,
     BUNDLE,
-    CHECKPOINT,
     Learner,
     StopRequested,
     TrainConfig,
-    get_preds,
     load_best_weights,
     load_checkpoint,
+    setup_training,
 )
 
-DATASET_RECORD = "dataset.json"
-LR_FIND_FILE = "lr_find.json"
+DATASET_RECORD = DATASET_RECORD_FILE  # the name kept for callers
 SKIPPED_LISTED = 20  # file names a "skipped" event lists; the count covers the rest
 
 
@@ -167,7 +187,7 @@ def run_training(run_dir: str | Path, resume: bool = False) -> int:
                 should_stop = lambda: signals.received or runs.stop_requested(run_dir)  # noqa: E731
             else:  # rank 0 reads the STOP file; the group agrees on every step (max over ranks)
                 should_stop = lambda: signals.received  # noqa: E731
-            learner = Learner(cfg, on_event=report, should_stop=should_stop, run_dir=run_dir)
+            learner = Learner(cfg, setup_training(cfg), on_event=report, should_stop=should_stop, run_dir=run_dir)
             if info.main:
                 _announce(learner, report, run_dir, resume)
             _warm_cache(learner, report)
@@ -247,12 +267,16 @@ def _warm_cache(learner: Learner, report: Reporter) -> None:
 
 def _finish(learner: Learner, report: Reporter, run_dir: Path) -> None:
     """Export the model and the interpretation tables: what Interpret, Clean and Predict read."""
-    if learner.cfg.keep_best and load_best_weights(learner, run_dir):
+    if learner.cfg.keep_best and load_best_weights(learner.model, run_dir):
         report("best_weights", best_valid_loss=learner.best_valid)
     learner.export(run_dir / BUNDLE)
     report("exported", file=BUNDLE)
+    dls = learner.dls
     for split in ("valid", "train"):
-        table = split_table(learner, learner.dls, split)
+        # the valid loader's images are already decoded in memory (unless sharded): reused, one inference pass
+        reuse = split == "valid" and not isinstance(dls.valid.sampler, ShardSampler)
+        table = split_table(learner.model, dls.source, dls.split, split, learner.cfg, learner.on_device,
+                            loader=dls.valid if reuse else None)
         interpret.save_table(table, interpret.table_path(run_dir, split))
         _report_missing(learner.dls, split, table["item"].tolist(), report)
     report("interpreted", splits=["valid", "train"])
@@ -271,23 +295,23 @@ def _report_missing(dls: DataLoaders, split: str, seen: list[int], report: Repor
           file=sys.stderr, flush=True)
 
 
-def split_table(learner: Learner, dls: DataLoaders, split: str):
-    """The per-item table (core.interpret.item_table) of one side of the split: one inference pass."""
-    if split == "valid" and dls.valid.sampler.__class__ is not ShardSampler:
-        loader = dls.valid  # its images are already decoded in memory: the table costs one inference pass
-    else:
-        loader = make_loader(dls.source, getattr(dls.split, split), learner.cfg.data, train=False, device=learner.device)
-    preds = get_preds(learner, loader)
-    probs = torch.sigmoid(preds.logits) if dls.multi_label else torch.softmax(preds.logits, dim=1)
+def split_table(model: nn.Module, source: DataSource, item_split: Split, split: str, cfg: TrainConfig,
+                on_device: OnDevice, loader: DataLoader | None = None):
+    """The per-item table (core.interpret.item_table) of one side of the split: one inference pass, over
+    `loader` when one is given, else over a loader made for that side."""
+    if loader is None:
+        loader = make_loader(source, getattr(item_split, split), cfg.data, train=False, device=on_device.device)
+    preds = get_preds(model, loader, on_device, make_loss(cfg, source.multi_label))
+    probs = torch.sigmoid(preds.logits) if source.multi_label else torch.softmax(preds.logits, dim=1)
     return interpret.item_table(
         probs,
         preds.targets,
-        [path_text(dls.source.files[i]) for i in preds.ids.tolist()],  # Arrow strings refuse bad UTF-8
-        dls.vocab,
-        multi_label=dls.multi_label,
+        [path_text(source.files[i]) for i in preds.ids.tolist()],  # Arrow strings refuse bad UTF-8
+        source.vocab,
+        multi_label=source.multi_label,
         split=split,
         item_ids=preds.ids.numpy(),
-        threshold=learner.cfg.threshold,
+        threshold=cfg.threshold,
         losses=preds.losses.numpy(),
     )
 
@@ -301,12 +325,9 @@ def interpret_run(run_dir: str | Path, split: str = "valid"):
         return interpret.load_table(path)
     cfg = load_config(run_dir)
     source, item_split = source_from_record(read_json(run_dir / DATASET_RECORD))
-    bundle = load_bundle(bundle_path)
-    no_training = make_loader(source, item_split.train[:0], cfg.data, train=False)
-    valid = make_loader(source, item_split.valid, cfg.data, train=False)
-    dls = DataLoaders(no_training, valid, source, item_split, [])
-    learner = Learner(cfg, dls=dls, model=bundle.model)
-    table = split_table(learner, dls, split)
+    on_device = OnDevice.for_config(cfg, resolve_device(cfg.device))
+    model = on_device.place(load_bundle(bundle_path, device=on_device.device).model)
+    table = split_table(model, source, item_split, split, cfg, on_device)
     interpret.save_table(table, path)
     return table
 
@@ -322,7 +343,8 @@ def run_lr_find(run_dir: str | Path, num_it: int | None = None, start_lr: float 
             check_run_dir(run_dir)
             with runs.acquire_compute_lock(run_dir.parent):
                 runs.mark_running(run_dir)
-                learner = Learner(load_config(run_dir), run_dir=run_dir)
+                cfg = load_config(run_dir)
+                learner = Learner(cfg, setup_training(cfg), run_dir=run_dir)
                 steps = num_it or sweep_steps(len(learner.dls.train))
                 writer.emit("lr_find_start", steps=steps, n_batches=len(learner.dls.train), device=str(learner.device))
                 _warm_cache(learner, writer.emit)  # the training run after the sweep reads the same cache
@@ -330,12 +352,12 @@ def run_lr_find(run_dir: str | Path, num_it: int | None = None, start_lr: float 
                                  on_step=lambda lr, loss: writer.emit("lr_find", lr=lr, loss=loss))
             atomic_write_json(run_dir / LR_FIND_FILE, result.to_dict())
             writer.emit("lr_find_done", suggestions=result.suggestions, steps=len(result.lrs), planned=steps)
-            runs.mark_finished(run_dir, runs.DONE, task="lr-find")
+            runs.mark_finished(run_dir, runs.DONE, task=LR_FIND)
             return result
         except Exception as e:
             message = f"{type(e).__name__}: {e}"
             writer.emit("error", message=message, traceback=traceback.format_exc())
-            runs.mark_finished(run_dir, runs.FAILED, error=message, task="lr-find")
+            runs.mark_finished(run_dir, runs.FAILED, error=message, task=LR_FIND)
             raise
 
 
@@ -373,11 +395,12 @@ def estimate_sweep(cfg: TrainConfig, n_train: int, runs_root: str | Path, device
 def _timed_runs(root: Path) -> list[tuple[dict, float, float | None, str]]:
     """(config, GFLOP/s, start-up seconds of a sweep or None, run id) of the newest runs that timed steps."""
     found = []
-    for info in runs.list_runs(root)[:RECENT_RUNS]:
-        events = _head_events(info["path"])
-        speed = measured_speed(info["config"], events) if info["config"] else None
+    for info in list_runs(root)[:RECENT_RUNS]:
+        config = info.config.to_dict() if info.config else None
+        events = _head_events(info.path)
+        speed = measured_speed(config, events) if config else None
         if speed:
-            found.append((info["config"], speed, _sweep_startup(info["status"], events), info["id"]))
+            found.append((config, speed, _sweep_startup(info.status, events), info.id))
     return found
 
 
@@ -404,28 +427,3 @@ def load_lr_find(run_dir: str | Path) -> LRFindResult | None:
     """The saved LR-finder curve of a run, or None when it has none yet."""
     path = Path(run_dir) / LR_FIND_FILE
     return LRFindResult(**read_json(path)) if path.exists() else None
-
-
-def has_checkpoint(run_dir: str | Path) -> bool:
-    return (Path(run_dir) / CHECKPOINT).exists()
-
-
-def checkpoint_bytes(run_dir: str | Path) -> int:
-    """Disk space held by what only a resume needs: the checkpoint (weights, optimizer state) and best.pt."""
-    return sum(path.stat().st_size for path in _resume_files(run_dir))
-
-
-def remove_checkpoints(run_dir: str | Path) -> int:
-    """Delete what only a resume needs (see `checkpoint_bytes`); returns the bytes freed. The exported model,
-    the tables and the events stay: the run can still be looked at, used and continued from (init_from),
-    only no longer resumed. A finished run does this itself; a stopped or failed one on the user's word."""
-    freed = 0
-    for path in _resume_files(run_dir):
-        size = path.stat().st_size
-        path.unlink(missing_ok=True)
-        freed += size
-    return freed
-
-
-def _resume_files(run_dir: str | Path) -> list[Path]:
-    return [p for p in (Path(run_dir) / CHECKPOINT, Path(run_dir) / BEST_WEIGHTS) if p.is_file()]

@@ -25,14 +25,31 @@ from torch import nn
 from torchvision.models import get_model, get_model_weights
 
 from core.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, presize, presize_side, resize_batch
-from core.data import MAX_SIZE, MIN_SIZE
+from core.config import (  # defined there, torch-free; re-exported here
+    ARCHS as ARCHS,
+)
+from core.config import (
+    HEADS as HEADS,
+)
+from core.config import (
+    MAX_SIZE as MAX_SIZE,
+)
+from core.config import (
+    MIN_SIZE as MIN_SIZE,
+)
+from core.config import (
+    ArchSpec as ArchSpec,
+)
+from core.config import (
+    ModelConfig as ModelConfig,
+)
 from core.env import resolve_device
 from core.fileio import atomic_write, create_file
 from core.images import upright_rgb
+from core.rundir import BUNDLE_FILE
 
-HEADS = ("fastai", "linear")
 TASKS = ("single_label", "multi_label")
-BUNDLE_FILENAME = "model.safetensors"
+BUNDLE_FILENAME = BUNDLE_FILE  # a run directory names its model so (core.rundir)
 BUNDLE_FORMAT_VERSION = 1
 _META_KEY = "loupe"  # key of our JSON blob inside the safetensors header metadata
 
@@ -58,59 +75,6 @@ class BundleError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- architectures
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """How to turn one torchvision classifier into a Loupe body."""
-
-    channels: int  # C of the body's [B, C, H, W] output; the tests check it with a real forward pass
-    body_attr: str | None = "features"  # attribute holding the body; None: every child but the last two (resnets)
-    split: int | None = None  # body children before this index form parameter group 1; None: half of them
-
-
-ARCHS: dict[str, ArchSpec] = {
-    # split=6 is fastai's `_resnet_split`: stem + layer1 + layer2 | layer3 + layer4
-    "resnet18": ArchSpec(channels=512, body_attr=None, split=6),
-    "resnet34": ArchSpec(channels=512, body_attr=None, split=6),
-    "resnet50": ArchSpec(channels=2048, body_attr=None, split=6),
-    "squeezenet1_1": ArchSpec(channels=512),
-    "vgg16_bn": ArchSpec(channels=512),
-    "mobilenet_v3_small": ArchSpec(channels=576),
-    "mobilenet_v3_large": ArchSpec(channels=960),
-    "efficientnet_b0": ArchSpec(channels=1280),
-    "convnext_tiny": ArchSpec(channels=768),
-}
-
-
-@dataclass
-class ModelConfig:
-    """Which backbone, which starting weights and which head."""
-
-    # torchvision architecture name; one of ARCHS
-    arch: str = "resnet18"
-    # start from torchvision's ImageNet weights (downloaded once into the torch hub cache)
-    pretrained: bool = True
-    # a local .pth/.pt or .safetensors state dict of the full torchvision model; when set it is used
-    # instead of the download (for offline machines), whatever `pretrained` says
-    weights_path: str | None = None
-    # "fastai": concat-pool + two BN/dropout/linear blocks; "linear": average-pool + one linear layer
-    head: str = "fastai"
-    # dropout before the fastai head's last linear layer; the first one gets half (fastai's `ps`)
-    dropout: float = 0.5
-
-    def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise ValueError(f"Unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}.")
-        if not isinstance(self.pretrained, bool):
-            # ValueError like every other bad value here: callers catch one error type for a bad config.
-            raise ValueError(f"pretrained must be True or False, got {self.pretrained!r}.")  # noqa: TRY004
-        if self.weights_path is not None and not str(self.weights_path).strip():
-            raise ValueError("weights_path is empty; give a file path or leave it as None.")
-        if self.head not in HEADS:
-            raise ValueError(f"Unknown head {self.head!r}; choose one of {', '.join(HEADS)}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}.")
 
 
 def _body_names(full: nn.Module, spec: ArchSpec) -> list[str]:

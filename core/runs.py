@@ -1,13 +1,8 @@
 """The run-directory protocol: the one contract between the app (parent) and a training process (child).
 
-A run lives in `runs/<id>/`; the directory is the truth, so a browser reload or an app restart loses nothing:
-
-  config.json    the TrainConfig as a dict, written once by `create` before anything runs
-  status.json    {state, created_at, updated_at, pid, pid_started, started_at, running_at, finished_at, error}
-  events.jsonl   one JSON object per line, appended by the child through `EventWriter`
-  train.log      the child's stdout and stderr
-  STOP           present when a cooperative stop was requested
-  (checkpoints, the model bundle and the interpretation table are written by other modules)
+A run lives in `runs/<id>/`; the directory is the truth, so a browser reload or an app restart loses nothing.
+Its files are named in core.rundir: here `create` writes config.json and status.json (with the run's task),
+the child appends events.jsonl (core.runlog) and its output to train.log, and `request_stop` writes STOP.
 
 Lifecycle: created -> queued (`start` launched the child, which may wait for the compute lock)
 -> running (the child calls `mark_running`) -> done | failed | stopped (`mark_finished`).
@@ -21,8 +16,6 @@ processes that only speak the protocol (tests, the status poller) start in milli
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
 import shlex
 import shutil
@@ -35,15 +28,22 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from core.fileio import (
-    atomic_write_json,
-    atomic_write_text,
-    file_lock,
-    jsonl_line,
-    parse_jsonl,
-    read_json,
-    write_line,
+from core.fileio import atomic_write_json, atomic_write_text, file_lock, read_json
+from core.rundir import (
+    COMPUTE_LOCK_FILE,
+    CONFIG_FILE,
+    EVENTS_FILE,
+    LOG_FILE,
+    STATUS_FILE,
+    STOP_FILE,
+    TASKS,
+    TRAIN,
+    RunDir,
+    task_of,
 )
+
+# The event log is part of the protocol; its writer and readers live in core.runlog, re-exported here.
+from core.runlog import EventWriter, epoch_number, exported_epoch, load_events, read_events  # noqa: F401
 from core.stamps import stamped_id
 
 CREATED = "created"
@@ -56,13 +56,6 @@ UNREADABLE = "unreadable"  # never written to status.json: how `list_runs` marks
 ACTIVE_STATES = frozenset({QUEUED, RUNNING})
 FINAL_STATES = frozenset({DONE, FAILED, STOPPED})
 
-CONFIG_FILE = "config.json"
-STATUS_FILE = "status.json"
-EVENTS_FILE = "events.jsonl"
-LOG_FILE = "train.log"
-STOP_FILE = "STOP"
-COMPUTE_LOCK_FILE = ".compute.lock"
-_STATUS_LOCK_FILE = ".status.lock"
 
 DIED_MESSAGE = "The training process ended unexpectedly (killed or crashed); see train.log."
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -81,7 +74,8 @@ class ComputeBusy(RuntimeError):
 # ---------------------------------------------------------------- creating runs
 
 
-def _root(root: PathArg | None) -> Path:
+def runs_root(root: PathArg | None = None) -> Path:
+    """The folder runs live in: `root` when given, else the workspace's (core.env.runs_dir)."""
     if root is not None:
         return Path(root)
     from core.env import runs_dir  # lazy: core.env imports torch, which costs seconds at startup
@@ -89,21 +83,26 @@ def _root(root: PathArg | None) -> Path:
     return runs_dir()
 
 
-def create(config: Mapping[str, Any] | object, root: PathArg | None = None, name_hint: str = "") -> Path:
+def create(
+    config: Mapping[str, Any] | object, root: PathArg | None = None, name_hint: str = "", task: str = TRAIN
+) -> Path:
     """Make `root/<id>/` (root defaults to env.runs_dir()) holding config.json, then status.json (created).
 
-    `config` is a dict or a dataclass such as TrainConfig. Returns the new run directory.
+    `config` is a dict or a dataclass such as TrainConfig; `task` ("train" or "lr-find") is recorded in
+    status.json, so every page knows a sweep from a training run without guessing. Returns the new run directory.
     """
-    base = _root(root)
+    base = runs_root(root)
     base.mkdir(parents=True, exist_ok=True)
-    return create_in(_claim_dir(base, name_hint), config)
+    return create_in(_claim_dir(base, name_hint), config, task)
 
 
-def create_in(run_dir: PathArg, config: Mapping[str, Any] | object) -> Path:
+def create_in(run_dir: PathArg, config: Mapping[str, Any] | object, task: str = TRAIN) -> Path:
     """Make `run_dir` (a directory chosen by hand, e.g. `--run-dir`) a run: config.json, then status.json.
 
     Refuses (FileExistsError) a directory that already holds a config.json, so no run is ever overwritten.
     """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, not {task!r}.")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if (run_dir / CONFIG_FILE).exists():
@@ -111,7 +110,7 @@ def create_in(run_dir: PathArg, config: Mapping[str, Any] | object) -> Path:
     data = asdict(config) if is_dataclass(config) and not isinstance(config, type) else dict(config)
     atomic_write_json(run_dir / CONFIG_FILE, data)
     now = time.time()
-    atomic_write_json(run_dir / STATUS_FILE, {"state": CREATED, "created_at": now, "updated_at": now})
+    atomic_write_json(run_dir / STATUS_FILE, {"state": CREATED, "task": task, "created_at": now, "updated_at": now})
     return run_dir
 
 
@@ -144,7 +143,7 @@ def _update_status(run_dir: PathArg, change: Callable[[dict[str, Any]], dict[str
     `change(current)` returns the fields to merge, or None to leave the file alone.
     """
     run_dir = Path(run_dir)
-    with file_lock(run_dir / _STATUS_LOCK_FILE):
+    with file_lock(RunDir(run_dir).status_lock):
         try:
             current = read_status(run_dir)
         except (FileNotFoundError, ValueError):
@@ -284,6 +283,9 @@ def _command(run_dir: Path, extra_args: list[str], gpus: int, module: str, task:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus), *train]
 
 
+BACKGROUND_NICENESS = 10  # the nice value of a run started from the app (0 is normal, 19 the lowest priority)
+
+
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"  # train.log fills line by line, not in 8 KB gulps
@@ -292,11 +294,13 @@ def _child_env() -> dict[str, str]:
 
 
 def start(
-    run_dir: PathArg, extra_args: list[str] | None = None, gpus: int = 1, *, module: str = "core", task: str = "train"
+    run_dir: PathArg, extra_args: list[str] | None = None, gpus: int = 1, *, module: str = "core",
+    task: str | None = None,
 ) -> int:
     """Launch `python -m <module> <task> --run-dir RUN` (under torchrun when gpus > 1) and return its pid.
 
-    `task` is "train" or "lr-find": the LR finder runs in the background the same way, streaming its curve.
+    `task` is "train" or "lr-find" (default: the task recorded when the run was created): the LR finder runs in
+    the background the same way, streaming its curve.
 
     The child runs in its own session, so a Streamlit rerun, a reload or Ctrl-C of the app never kills it;
     its stdout and stderr are appended to train.log. status becomes queued with the pid; the child flips it
@@ -306,9 +310,11 @@ def start(
     run_dir = Path(run_dir).absolute()  # the child's cwd is the repo root, not ours
     if gpus < 1:
         raise ValueError(f"gpus must be at least 1, got {gpus}.")
-    state = status(run_dir).get("state")
+    current = status(run_dir)
+    state = current.get("state")
     if state in ACTIVE_STATES:
         raise ValueError(f"Run {run_dir.name} is already {state}.")
+    task = task or task_of(run_dir, current)
     command = _command(run_dir, list(extra_args or []), gpus, module, task)
     clear_stop(run_dir)
     # Queued before the launch and the pid after it: the second write merges only the pid, so a fast child's
@@ -327,6 +333,11 @@ def start(
         mark_finished(run_dir, FAILED, error=f"Could not launch the training process: {exc}")
         raise
     _children[proc.pid] = proc
+    # Lower the run's CPU priority: the app (and the browser on the same machine) then stays quick while it trains,
+    # and training loses almost nothing, since it only yields when someone is using the app. The worker processes
+    # and threads the run starts later inherit it.
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, proc.pid, BACKGROUND_NICENESS)
     write_status(run_dir, pid=proc.pid, pid_started=_process_start(proc.pid))
     return proc.pid
 
@@ -392,7 +403,7 @@ def acquire_compute_lock(root: PathArg | None = None, wait: bool = True) -> Iter
     init_process_group), or the ranks would queue behind each other. Pass the run directory's parent as
     `root` so every run under one runs root shares one lock.
     """
-    base = _root(root)
+    base = runs_root(root)
     base.mkdir(parents=True, exist_ok=True)
     path = base / COMPUTE_LOCK_FILE
     with contextlib.ExitStack() as held:
@@ -405,248 +416,7 @@ def acquire_compute_lock(root: PathArg | None = None, wait: bool = True) -> Iter
         yield path
 
 
-# ---------------------------------------------------------------- events
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain JSON values; non-finite floats become null (see EventWriter)."""
-    if isinstance(value, float):
-        return float(value) if math.isfinite(value) else None
-    if value is None or isinstance(value, (str, int)):
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "tolist"):  # numpy and torch scalars and arrays, without importing either
-        return _jsonable(value.tolist())
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    try:
-        return _jsonable(float(value))
-    except (TypeError, ValueError):
-        return str(value)
-
-
-class EventWriter:
-    """Appends events to run_dir/events.jsonl: one JSON object per line, `{"event": kind, "time": ..., **fields}`.
-
-    Each line goes out in a single O_APPEND write, so a reader in another process sees either nothing or a
-    whole line (`read_events` also ignores an unfinished last line). fsync per line makes the events survive
-    a machine crash; pass fsync=False where that is not worth a disk flush per line.
-    NaN and infinities are written as null: the file stays strict JSON that any reader parses, and
-    pandas/charts read null as a missing point. Numpy and torch values are converted with .tolist().
-    Under torchrun only rank 0 should write.
-    """
-
-    def __init__(self, run_dir: PathArg, fsync: bool = True) -> None:
-        self.path = Path(run_dir) / EVENTS_FILE
-        self.fsync = fsync
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-
-    def emit(self, kind: str, /, **fields: Any) -> dict[str, Any]:
-        """Append one event and return it exactly as written (non-finite floats already null)."""
-        if self._fd is None:
-            raise ValueError("EventWriter is closed.")
-        if "event" in fields or "time" in fields:
-            raise ValueError("'event' and 'time' are set by emit; use other field names.")
-        record = _jsonable({"event": kind, "time": time.time(), **fields})
-        write_line(self._fd, jsonl_line(record), fsync=self.fsync)
-        return record
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> EventWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()
-
-
-def read_events(run_dir: PathArg, since: int = 0) -> tuple[list[dict[str, Any]], int]:
-    """Events from byte offset `since` on, and the offset to pass next time.
-
-    Only complete lines are returned: an unfinished last line is left for the next call (the returned offset
-    points at its start). Corrupt lines are skipped. If the file became shorter than `since` (it was
-    replaced), reading starts over from 0.
-    """
-    try:
-        f = open(Path(run_dir) / EVENTS_FILE, "rb")
-    except FileNotFoundError:
-        return [], since
-    with f:
-        if since > os.fstat(f.fileno()).st_size:
-            since = 0
-        f.seek(since)
-        data = f.read()
-    end = data.rfind(b"\n") + 1
-    return parse_jsonl(data[:end]), since + end
-
-
-def load_events(run_dir: PathArg, kind: str | None = None) -> list[dict[str, Any]]:
-    """All complete events of a run, or only those whose `event` is `kind`."""
-    events, _ = read_events(run_dir)
-    return events if kind is None else [e for e in events if e.get("event") == kind]
-
-
-def epoch_number(epoch: Any) -> Any:
-    """An epoch (or a pandas column of them) as people count it, from 1. Events, checkpoints and item_losses
-    files count from 0, like the training loop; every page converts here, when it shows one."""
-    return epoch + 1
-
-
-def exported_epoch(events: list[dict[str, Any]]) -> tuple[int | None, str | None]:
-    """Which finished epoch (0-based, as in the events) the run's exported model comes from, and why:
-
-    "best": "Keep the best epoch" loaded that epoch's weights, the first with the lowest valid loss (as
-    training keeps it); "last": the weights after the last finished epoch; "stopped": the weights at a stop,
-    part way into the epoch after it (None: before any epoch finished). (None, None) when no model was exported.
-    Told from the events alone, so runs made before this function existed are read the same way."""
-    exports = [i for i, e in enumerate(events) if e.get("event") == "exported"]
-    if not exports:
-        return None, None
-    export = exports[-1]
-    epochs = {int(e["epoch"]): e for e in events[:export]
-              if e.get("event") == "epoch" and isinstance(e.get("epoch"), (int, float))}
-    session = max((i for i, e in enumerate(events[:export]) if e.get("event") == "start"), default=0)
-    if epochs and any(e.get("event") == "best_weights" for e in events[session:export]):
-
-        def loss(epoch: int) -> float:
-            value = epochs[epoch].get("valid_loss")
-            return value if isinstance(value, (int, float)) and math.isfinite(value) else math.inf
-
-        return min(sorted(epochs), key=loss), "best"
-    stopped = any(e.get("event") == "stopped" for e in events[export:])
-    return (max(epochs) if epochs else None), ("stopped" if stopped else "last")
-
-
-def _last_event(run_dir: Path, kind: str, window: int = 64 * 1024, cap: int = 4 * 1024 * 1024) -> dict | None:
-    """The last `kind` event, reading from the end of the file: 64 KB first, growing only when needed."""
-    try:
-        f = open(run_dir / EVENTS_FILE, "rb")
-    except FileNotFoundError:
-        return None
-    marker = f'"event":"{kind}"'.encode()
-    with f:
-        size = os.fstat(f.fileno()).st_size
-        while True:
-            begin = max(0, size - window)
-            f.seek(begin)
-            lines = f.read(size - begin).split(b"\n")
-            if begin > 0:
-                lines = lines[1:]  # probably cut in the middle
-            for line in reversed(lines):
-                found = parse_jsonl(line) if marker in line else []
-                if found and found[0].get("event") == kind:
-                    return found[0]
-            if begin == 0 or window >= cap:
-                return None
-            window *= 4
-
-
-# ---------------------------------------------------------------- listing and deleting
-
-_EPOCH_FIELDS = ("epoch", "train_loss", "valid_loss", "seconds")
-
-
-def _summary(run_dir: Path, current: dict[str, Any]) -> dict[str, Any]:
-    summary: dict[str, Any] = {}
-    epoch = _last_event(run_dir, "epoch")
-    if epoch:
-        metrics = {k: v for k, v in epoch.items() if k not in ("event", "time", *_EPOCH_FIELDS)}
-        nested = metrics.pop("metrics", None)  # accept a nested dict too, though the schema is flat
-        if isinstance(nested, dict):
-            metrics = {**nested, **metrics}
-        summary = {**{k: epoch.get(k) for k in _EPOCH_FIELDS}, "metrics": metrics}
-    begin = current.get("running_at") or current.get("started_at")
-    end = current.get("finished_at") or current.get("updated_at")
-    if current.get("state") in FINAL_STATES and isinstance(begin, (int, float)) and isinstance(end, (int, float)):
-        summary["duration"] = max(0.0, end - begin)
-    return summary
-
-
-def config_problem(config: dict[str, Any]) -> str | None:
-    """Why a run's config.json cannot be shown: a field of TrainConfig holding another kind of JSON value than
-    TrainConfig's own (`"data": "oops"`, a text where a number belongs); None when every known field fits.
-    Pages read these fields without checking each, so one odd run must be caught here, once."""
-    from core.train import TrainConfig  # lazy: core.train imports torch
-
-    return _shape_problem(config, asdict(TrainConfig()), "")
-
-
-def _shape_problem(values: dict[str, Any], defaults: dict[str, Any], where: str) -> str | None:
-    for name, default in defaults.items():
-        value = values.get(name)
-        if value is None or default is None:  # absent, or optional: pages treat None as "not set"
-            continue
-        kind = dict if isinstance(default, dict) else (int, float) if isinstance(default, float) else type(default)
-        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-            wanted = {dict: "a JSON object", list: "a list", str: "text", bool: "true or false"}.get(kind, "a number")
-            return f"{CONFIG_FILE}: {where}{name!r} should be {wanted}, not {json.dumps(value)[:40]}"
-        if kind is dict:
-            problem = _shape_problem(value, default, f"{where}{name}.")
-            if problem:
-                return problem
-    return None
-
-
-def _describe(run_dir: Path) -> dict[str, Any]:
-    problems: list[str] = []
-    config: dict[str, Any] = {}
-    current: dict[str, Any] = {}
-    try:
-        config = read_json(run_dir / CONFIG_FILE)
-        if not isinstance(config, dict):
-            config = {}
-            problems.append(f"{CONFIG_FILE} does not hold a JSON object")
-        elif problem := config_problem(config):
-            config = {}  # pages read the config without checking it: an odd one must not reach them
-            problems.append(problem)
-    except (OSError, ValueError) as exc:
-        problems.append(f"{CONFIG_FILE}: {exc}")
-    try:
-        current = status(run_dir)
-    except (OSError, ValueError) as exc:
-        problems.append(f"{STATUS_FILE}: {exc}")
-    if problems:
-        current = {**current, "state": UNREADABLE, "error": "; ".join(problems)}
-    try:
-        summary = _summary(run_dir, current)
-    except OSError:
-        summary = {}
-    created = current.get("created_at")
-    return {
-        "id": run_dir.name,
-        "path": run_dir,
-        "state": current["state"] if "state" in current else UNREADABLE,
-        "status": current,
-        "config": config,
-        "created_at": created if isinstance(created, (int, float)) else run_dir.stat().st_mtime,
-        "summary": summary,
-        "error": current.get("error"),
-    }
-
-
-def list_runs(root: PathArg | None = None) -> list[dict[str, Any]]:
-    """Every run under `root`, newest first, as dicts: id, path, state, status, config, created_at, summary, error.
-
-    `status` is reconciled (see `status`); `summary` holds the last epoch's epoch, train_loss, valid_loss,
-    seconds and metrics, plus `duration` once final. A run whose files cannot be read is listed with state
-    "unreadable" and the reason in `error`; this never raises for one bad run. Cheap: events.jsonl is read
-    from its end only. `created_at` falls back to the directory's mtime when status.json is unreadable.
-    """
-    base = _root(root)
-    if not base.is_dir():
-        return []
-    runs = [_describe(p) for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    runs.sort(key=lambda run: (run["created_at"], run["id"]), reverse=True)
-    return runs
+# ---------------------------------------------------------------- deleting
 
 
 def disk_usage(run_dir: PathArg) -> int:
@@ -662,7 +432,7 @@ def disk_usage(run_dir: PathArg) -> int:
 def delete_run(run_dir: PathArg, root: PathArg | None = None) -> None:
     """Remove a run directory. Refuses (ValueError) a path that is not directly inside the runs root, or an
     active run (stop it first). A run whose status is unreadable can be deleted."""
-    base = _root(root).resolve()
+    base = runs_root(root).resolve()
     target = Path(run_dir).resolve()  # resolves "..", and a symlink pointing out of the root
     if target.parent != base or target.name.startswith(".") or not target.is_dir():
         raise ValueError(f"{run_dir} is not a run directory inside {base}; refusing to delete it.")

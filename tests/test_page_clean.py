@@ -14,6 +14,7 @@ from streamlit.testing.v1 import AppTest
 from core import clean, runs
 from core.demo import DemoSpec, make_demo_dataset
 from core.env import runs_dir
+from core.runlist import list_runs
 
 APP = Path(__file__).resolve().parents[1] / "app.py"
 PAGE = "app_pages/clean.py"
@@ -65,13 +66,13 @@ def test_no_run_says_so(tmp_path, monkeypatch):
 
 
 def test_a_failed_newest_run_does_not_hide_the_model_before_it(home, tmp_path, monkeypatch):
-    (good,) = runs.list_runs(home / "runs")
-    failed = failed_after(Path(good["path"]), tmp_path).name
+    (good,) = list_runs(home / "runs")
+    failed = failed_after(Path(good.path), tmp_path).name
     at = open_page(tmp_path, monkeypatch)
     assert at.image and mark_boxes(at)  # the images of the run before, ready to mark
     (note,) = [w.value for w in at.warning]
-    assert failed in note and "failed" in note and good["id"] in note
-    assert any(f"run {good['id']}" in c.value for c in at.caption)
+    assert failed in note and "failed" in note and good.id in note
+    assert any(f"run {good.id}" in c.value for c in at.caption)
 
 
 def test_mark_switch_apply_undo(home, monkeypatch):
@@ -155,17 +156,17 @@ def test_a_file_changed_or_gone_since_the_losses_is_skipped_not_lost(home, monke
 
 def test_retrain_starts_a_new_run_from_the_same_config(home, monkeypatch):
     at = open_page(home, monkeypatch)
-    (old,) = runs.list_runs(runs_dir())
+    (old,) = list_runs(runs_dir())
     at.button(key="clean_retrain").click().run()
     assert not at.exception
-    listing = runs.list_runs(runs_dir())
-    new = next(r for r in listing if r["id"] != old["id"])
+    listing = list_runs(runs_dir())
+    new = next(r for r in listing if r.id != old.id)
     try:
-        assert new["config"] == old["config"]
-        assert at.session_state["run_id"] == new["id"]
-        assert runs.status(new["path"])["state"] in (runs.QUEUED, runs.RUNNING, runs.DONE)
+        assert new.config == old.config
+        assert at.session_state["run_id"] == new.id
+        assert runs.status(new.path)["state"] in (runs.QUEUED, runs.RUNNING, runs.DONE)
     finally:
-        runs.kill(new["path"])
-        final = runs.wait(new["path"], timeout=60)
+        runs.kill(new.path)
+        final = runs.wait(new.path, timeout=60)
         assert final["state"] in runs.FINAL_STATES
-        runs.delete_run(new["path"], root=runs_dir())
+        runs.delete_run(new.path, root=runs_dir())

@@ -13,6 +13,7 @@ from streamlit.testing.v1 import AppTest
 from core import interpret, runs
 from core.demo import DemoSpec, make_demo_dataset
 from core.env import runs_dir
+from core.runlist import list_runs
 
 APP = Path(__file__).resolve().parents[1] / "app.py"
 PAGE = "app_pages/interpret.py"
@@ -40,8 +41,8 @@ def heatmap(at: AppTest) -> dict:
 
 
 def valid_table(home: Path):
-    (run,) = runs.list_runs(home / "runs")
-    return interpret.load_table(interpret.table_path(run["path"], "valid"))
+    (run,) = list_runs(home / "runs")
+    return interpret.load_table(interpret.table_path(run.path, "valid"))
 
 
 def count_caption(at: AppTest) -> str:
@@ -63,14 +64,14 @@ def test_a_run_without_a_model_yet_is_explained(tmp_path, monkeypatch):
 
 
 def test_a_failed_newest_run_does_not_hide_the_model_before_it(home, tmp_path, monkeypatch):
-    (good,) = runs.list_runs(home / "runs")
-    failed = failed_after(Path(good["path"]), tmp_path).name
+    (good,) = list_runs(home / "runs")
+    failed = failed_after(Path(good.path), tmp_path).name
     at = open_page(tmp_path, monkeypatch)
     assert at.session_state["run_id"] == failed  # the newest run stays the selected one
     assert heatmap(at)["type"] == "heatmap" and at.image  # yet the page shows the model before it
     (note,) = [w.value for w in at.warning]
-    assert failed in note and "failed" in note and good["id"] in note
-    assert any(good["id"] in c.value for c in at.caption)
+    assert failed in note and "failed" in note and good.id in note
+    assert any(good.id in c.value for c in at.caption)
     assert any("failed" in link.value and "train" in link.proto.page for link in at.get("page_link"))
 
 

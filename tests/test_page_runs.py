@@ -148,7 +148,7 @@ def test_the_data_line_tells_the_split_the_run_used(home: Path, write_image):
     source, _, split = prepare(DataConfig(**settings["data"]))  # the record a run writes when it reads its data
     atomic_write_json(run_dir / job.DATASET_RECORD, source_record(source, split))
     at = select(open_runs(), run_dir.name)
-    (line,) = [m.value for m in at.markdown if m.value.startswith("**Data**")]
+    (line,) = [m.value for m in at.markdown if m.value.startswith("**Settings**")]  # TrainConfig.summary
     assert line.endswith("train/ and val/ folders: 6 train · 4 valid (40%)")
     assert "seed" not in line and "20%" not in line
 

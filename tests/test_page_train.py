@@ -23,7 +23,7 @@ from core.fileio import read_json
 from core.job import DATASET_RECORD, load_lr_find, run_training
 from core.model import ModelConfig, pretrained_available, pretrained_cache_path
 from core.train import TrainConfig
-from ui.train_view import MAX_POINTS, RunTail, form_values, total_epochs
+from ui.train_form import form_values
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 PAGE = "app_pages/train.py"
@@ -331,28 +331,6 @@ def test_lr_finder_says_how_long_it_takes_runs_in_the_background_and_its_suggest
     assert at.text_input(key="train_lr").value == f"{lr:.2e}"
     # the lr-find sweep is not mistaken for a training run
     assert "learning-rate sweep" in texts(at, "info")
-
-
-def test_run_tail_reads_incrementally_and_keeps_a_bounded_history(tmp_path: Path) -> None:
-    run_dir = runs.create({"schedule": "fine_tune", "epochs": 3, "freeze_epochs": 1}, root=tmp_path)
-    assert total_epochs({"schedule": "one_cycle", "epochs": 3, "freeze_epochs": 1}) == 3
-    tail = RunTail(run_dir)
-    with runs.EventWriter(run_dir, fsync=False) as w:
-        w.emit("start", config={"schedule": "fine_tune", "epochs": 3, "freeze_epochs": 1}, n_batches=2000)
-        for step in range(1, 3001):
-            w.emit("batch", step=step, epoch=(step - 1) // 2000, batch=(step - 1) % 2000 + 1, n_batches=2000,
-                   loss=1.0, smooth_loss=1.0, lr=1e-3, mom=0.9)
-    view = tail.update()
-    assert view.total_epochs == 4
-    assert len(view.batches) <= MAX_POINTS + 1 and view.batches["step"].iloc[-1] == 3000
-    assert view.progress() == pytest.approx((1 + 1000 / 2000) / 4)
-    offset = tail.offset
-    assert tail.update() is not None and tail.offset == offset  # nothing new: nothing read
-    with runs.EventWriter(run_dir, fsync=False) as w:
-        w.emit("epoch", epoch=1, train_loss=0.5, valid_loss=0.6, error_rate=0.1, accuracy=0.9, seconds=3.0)
-    view = tail.update()
-    assert tail.offset > offset
-    assert list(view.epochs["epoch"]) == [1] and view.epochs["step"].iloc[0] == 3000
 
 
 def test_without_a_dataset_a_live_run_is_still_followed_and_its_dataset_offered(home: Path, demo_dataset: Path,

@@ -32,8 +32,9 @@ from core.fileio import atomic_write, atomic_write_json, read_json
 from core.images import HEIF_REASON, DataError, check_image, open_image, verify_images
 from core.job import DATASET_RECORD
 from core.model import BundleMeta, ModelConfig
+from core.runlist import list_runs
 from core.thumbs import thumbnail
-from core.train import CHECKPOINT, Learner, TrainConfig, load_checkpoint
+from core.train import CHECKPOINT, Learner, TrainConfig, load_checkpoint, setup_training
 
 REPO = Path(__file__).resolve().parents[1]
 APP = str(REPO / "app.py")
@@ -411,7 +412,7 @@ def test_an_epoch_reports_the_files_it_could_not_read(tmp_path: Path, home: Path
     cfg = TrainConfig.from_dict(tiny_config(data, epochs=1))
     cfg.data.batch_size = 6  # 18 training images: three full batches, so drop_last leaves none out
     events: list[tuple[str, dict]] = []
-    learner = Learner(cfg, on_event=lambda kind, **f: events.append((kind, f)))
+    learner = Learner(cfg, setup_training(cfg), on_event=lambda kind, **f: events.append((kind, f)))
     assert len(learner.dls.split.train) == 18
     gone = [learner.dls.source.files[i] for i in learner.dls.split.train[:2]]
     for f in gone:
@@ -650,9 +651,9 @@ def odd_run(finished: dict[str, Path], monkeypatch: pytest.MonkeyPatch):
 @pytest.mark.parametrize("page", ["app_pages/runs.py", "app_pages/predict.py", "app_pages/train.py",
                                   "app_pages/interpret.py", "app_pages/clean.py", "app_pages/data.py"])
 def test_one_odd_run_breaks_no_page(odd_run: Path, finished: dict[str, Path], page: str):
-    listing = {info["id"]: info for info in runs.list_runs(finished["home"] / "runs")}
-    assert listing[odd_run.name]["state"] == runs.UNREADABLE
-    assert "'data' should be a JSON object" in listing[odd_run.name]["error"]
+    listing = {info.id: info for info in list_runs(finished["home"] / "runs")}
+    assert listing[odd_run.name].state == runs.UNREADABLE
+    assert "'data' should be a JSON object" in listing[odd_run.name].error
     assert listing[finished["run"].name]["state"] == runs.DONE
     at = AppTest.from_file(APP, default_timeout=120).run()
     at.switch_page(page).run()

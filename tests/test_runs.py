@@ -16,6 +16,9 @@ import numpy as np
 import pytest
 
 from core import runs
+from core.config import TrainConfig
+from core.rundir import LR_FIND, TRAIN, RunDir, is_lr_find
+from core.runlist import list_runs, training_runs
 from core.stamps import fmt_duration, stamped_id
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -229,6 +232,8 @@ def test_start_launches_a_detached_child_that_reports_and_stops(tmp_path: Path, 
     assert runs.read_status(run)["pid"] == pid
     _until(lambda: runs.status(run)["state"] == runs.RUNNING)
     assert os.getsid(pid) == pid != os.getsid(0)  # its own session: the app's Ctrl-C cannot reach it
+    # a lower CPU priority than the app's, so pages stay quick while it trains (never higher than ours already was)
+    assert os.getpriority(os.PRIO_PROCESS, pid) == max(runs.BACKGROUND_NICENESS, os.getpriority(os.PRIO_PROCESS, 0))
     with pytest.raises(ValueError, match="already running"):
         runs.start(run, module="loupe_fake_train")
 
@@ -302,7 +307,7 @@ def test_compute_lock_is_released_when_its_holder_is_killed(tmp_path: Path) -> N
 
 
 def test_list_runs_newest_first_with_summaries_and_bad_runs(tmp_path: Path) -> None:
-    old = runs.create({"arch": "a"}, root=tmp_path)
+    old = runs.create(TrainConfig(epochs=2), root=tmp_path)
     with runs.EventWriter(old, fsync=False) as events:
         events.emit("epoch", epoch=0, train_loss=1.0, valid_loss=1.5, accuracy=0.5, seconds=2.0)
         events.emit("epoch", epoch=1, train_loss=0.5, valid_loss=0.7, accuracy=0.9, seconds=2.0)
@@ -311,26 +316,51 @@ def test_list_runs_newest_first_with_summaries_and_bad_runs(tmp_path: Path) -> N
     assert (old / runs.EVENTS_FILE).stat().st_size > 64 * 1024
     runs.write_status(old, state=runs.DONE, started_at=100.0, finished_at=160.0)
     middle = [runs.create({}, root=tmp_path).name for _ in range(4)]
-    new = runs.create({"arch": "b"}, root=tmp_path)
+    new = runs.create(TrainConfig(epochs=3), root=tmp_path)
     broken = tmp_path / "20000101-000000-broken-0000"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
     (tmp_path / ".hidden").mkdir()
     (tmp_path / "stray.txt").write_text("not a run")
 
-    listed = runs.list_runs(tmp_path)
-    assert [r["id"] for r in listed if r["state"] != runs.UNREADABLE] == [new.name, *middle[::-1], old.name]
-    by_id = {r["id"]: r for r in listed}
+    listed = list_runs(tmp_path)
+    assert [r.id for r in listed if r.state != runs.UNREADABLE] == [new.name, *middle[::-1], old.name]
+    by_id = {r.id: r for r in listed}
     assert set(by_id) == {new.name, *middle, old.name, broken.name}
     done = by_id[old.name]
-    assert done["config"] == {"arch": "a"} and done["path"] == old and done["state"] == runs.DONE
-    assert done["summary"] == {"epoch": 1, "train_loss": 0.5, "valid_loss": 0.7, "seconds": 2.0,
-                               "metrics": {"accuracy": 0.9}, "duration": 60.0}
-    assert by_id[new.name]["summary"] == {} and by_id[new.name]["state"] == runs.CREATED
+    assert done.config == TrainConfig(epochs=2) and done.path == old and done.state == runs.DONE
+    assert done.task == "train" and not done.is_lr_find
+    assert done.last_epoch == {"epoch": 1, "train_loss": 0.5, "valid_loss": 0.7, "seconds": 2.0,
+                               "metrics": {"accuracy": 0.9}}
+    assert done.duration == 60.0
+    assert by_id[new.name].last_epoch == {} and by_id[new.name].state == runs.CREATED
+    assert by_id[new.name].duration is None
     bad = by_id[broken.name]
-    assert bad["state"] == runs.UNREADABLE == bad["status"]["state"]
-    assert "config.json" in bad["error"] and "status.json" in bad["error"]
-    assert runs.list_runs(tmp_path / "missing") == []
+    assert bad.state == runs.UNREADABLE == bad.status["state"] and bad.config is None
+    assert "config.json" in bad.error and "status.json" in bad.error
+    assert list_runs(tmp_path / "missing") == []
+
+
+def test_the_task_is_recorded_when_the_run_is_created_and_decides_what_it_is(tmp_path: Path) -> None:
+    sweep = runs.create(TrainConfig(), root=tmp_path, task=LR_FIND)
+    training = runs.create(TrainConfig(), root=tmp_path)
+    assert runs.read_status(sweep)["task"] == LR_FIND and runs.read_status(training)["task"] == TRAIN
+    assert is_lr_find(sweep, runs.read_status(sweep)) and not is_lr_find(training, runs.read_status(training))
+    assert [info.id for info in training_runs(tmp_path)] == [training.name]  # not by a folder name's look
+    older = runs.create(TrainConfig(), root=tmp_path, name_hint="lr-find")
+    runs.write_status(older, task=None)  # a sweep made before the task was recorded: known by its curve
+    assert not is_lr_find(older, runs.read_status(older))
+    RunDir(older).lr_find.write_text("{}")
+    assert is_lr_find(older, runs.read_status(older))
+    with pytest.raises(ValueError, match="task"):
+        runs.create(TrainConfig(), root=tmp_path, task="predict")
+
+
+def test_a_config_that_is_no_train_config_is_listed_as_unreadable(tmp_path: Path) -> None:
+    odd = runs.create({**TrainConfig().to_dict(), "epochs": 0}, root=tmp_path)  # right type, impossible value
+    (info,) = list_runs(tmp_path)
+    assert info.id == odd.name and info.state == runs.UNREADABLE and info.config is None
+    assert "epochs must be at least 1" in info.error
 
 
 def test_delete_run_refuses_active_runs_and_foreign_paths(tmp_path: Path) -> None:

@@ -1,18 +1,25 @@
-"""Cached loaders keyed by file path and modification time: nothing slow runs on every rerun."""
+"""Cached loaders keyed by file path and modification time: nothing slow runs on every rerun.
+
+Shared by the pages: the model bundle and interpretation tables of a run, thumbnails, the split a run used."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import streamlit as st
 
 from core import interpret
+from core.config import TrainConfig
 from core.env import check_data_path
-from core.model import Bundle, load_bundle
+from core.fileio import read_json
+from core.rundir import RunDir
 from core.thumbs import thumbnail
-from core.train import BUNDLE
+
+if TYPE_CHECKING:
+    from core.model import Bundle
 
 
 def _mtime(path: Path) -> float:
@@ -21,12 +28,16 @@ def _mtime(path: Path) -> float:
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the model…")
 def _bundle(path: str, mtime: float) -> Bundle:
+    # core.model imports torchvision and with it every model definition (seconds): only pages that load a model
+    # pay for it, not the galleries of the Data page, which share this module for thumbnails.
+    from core.model import load_bundle
+
     return load_bundle(path)
 
 
 def run_bundle(run_dir: Path) -> Bundle:
     """The exported model of a run, loaded once per file version."""
-    path = Path(run_dir) / BUNDLE
+    path = RunDir(run_dir).bundle
     return _bundle(str(path), _mtime(path))
 
 
@@ -59,3 +70,22 @@ def thumb(path: str | Path, size: int = 192) -> bytes | None:
         return None
     # bytes as the cache key: a file name that is not valid UTF-8 cannot be hashed as text
     return _thumb(os.fsencode(path), _mtime(path), size)
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def _split_line(record: str, mtime: float, _config: TrainConfig) -> str:
+    # keyed by the record's path and version only: a run's config never changes
+    from core.data import describe_split  # see _bundle: core.data imports torch
+
+    return describe_split(read_json(record), _config.data)
+
+
+def split_line(run_dir: str | Path, config: TrainConfig) -> str | None:
+    """The split the run used, in words, from its dataset record; None before the run has read its data."""
+    record = RunDir(run_dir).dataset_record
+    if not record.exists() or not record.stat().st_size:
+        return None
+    try:
+        return _split_line(str(record), _mtime(record), config)
+    except (OSError, ValueError, KeyError, TypeError):  # a damaged record
+        return None

@@ -1,4 +1,5 @@
-"""The Predict page's pieces: classify uploads (cached per model version and image), charts, feedback, the results table."""
+"""The Predict page's pieces: classify uploads (cached per model version and image), charts, feedback, the
+results table."""
 
 import base64
 from pathlib import Path
@@ -10,6 +11,7 @@ import streamlit as st
 from core.csvfile import csv_for_people
 from core.feedback import BadUpload, preview_jpeg, read_image, save_feedback
 from core.model import BundleMeta, predict_probs
+from core.runlist import RunInfo
 from ui.cache import run_bundle
 from ui.gallery import passed_over
 from ui.state import current_run, set_run
@@ -65,10 +67,9 @@ def top_figure(pairs: list[tuple[str, float]], threshold: float | None) -> go.Fi
     return fig
 
 
-def model_label(info: dict) -> str:
-    data, model = info["config"].get("data") or {}, info["config"].get("model") or {}
-    dataset = Path(data["path"]).name if data.get("path") else "?"
-    return f"{info['id']} · {model.get('arch', '?')} · {data.get('size', '?')} px · {dataset}"
+def model_label(info: RunInfo) -> str:
+    # a select box shows plain text: the summary's markdown code marks would show as backticks
+    return f"{info.id} · {info.config.summary().replace('`', '')}" if info.config else info.id
 
 
 def follow_current_run(model_ids: list[str]) -> None:

@@ -18,10 +18,8 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from core import runs
-from core.data import DataConfig, describe_split
-from core.fileio import read_json
-from core.job import DATASET_RECORD
-from core.train import BUNDLE
+from core.rundir import RunDir
+from core.runlist import RunInfo
 
 EPOCH_COLUMNS = ("epoch", "train_loss", "valid_loss")
 RUN_COLOURS = qualitative.Plotly + qualitative.D3
@@ -39,7 +37,6 @@ def _file_key(path: Path) -> tuple[float, int]:
 
 class History(NamedTuple):
     epochs: pd.DataFrame  # one row per finished epoch (the latest of each, should a resume have repeated one)
-    lr_find: bool  # an LR-finder sweep, not a training run
     exported: tuple[int | None, str | None]  # see core.runs.exported_epoch
 
 
@@ -47,34 +44,22 @@ class History(NamedTuple):
 def _history(run_dir: str, mtime: float, size: int) -> History:
     events = runs.load_events(run_dir)
     rows = [{k: v for k, v in e.items() if k not in ("event", "time")} for e in events if e.get("event") == "epoch"]
-    lr_find = any(e.get("event") in ("lr_find", "lr_find_done") for e in events)
     table = pd.DataFrame(rows)
     for column in EPOCH_COLUMNS:
         if column not in table:
             table[column] = pd.Series(dtype=float)
     table = table.drop_duplicates("epoch", keep="last").reset_index(drop=True)
-    return History(table, lr_find, runs.exported_epoch(events))
+    return History(table, runs.exported_epoch(events))
 
 
 def history_of(run_dir: str | Path) -> History:
     run_dir = Path(run_dir)
-    return _history(str(run_dir), *_file_key(run_dir / runs.EVENTS_FILE))
+    return _history(str(run_dir), *_file_key(RunDir(run_dir).events))
 
 
 def epoch_history(run_dir: str | Path) -> pd.DataFrame:
     """One row per finished epoch: epoch, train_loss, valid_loss, the metrics, seconds (empty if none)."""
     return history_of(run_dir).epochs
-
-
-def task_of(info: dict[str, Any]) -> str:
-    """"lr_find" for an LR-finder run, else "train" (a running LR finder is known by its events)."""
-    if info["status"].get("task") == "lr-find":
-        return "lr_find"
-    return "lr_find" if history_of(info["path"]).lr_find else "train"
-
-
-def has_model(run_dir: str | Path) -> bool:
-    return (Path(run_dir) / BUNDLE).is_file()
 
 
 MODEL_FROM = {"best": "best", "last": "last", "stopped": "stop"}  # core.runs.exported_epoch's answer, in short
@@ -90,10 +75,9 @@ def shown_epoch(history: History) -> tuple[dict[str, Any], str]:
     return (rows.iloc[0].to_dict() if len(rows) else {}), MODEL_FROM.get(how, "")
 
 
-def _duration_minutes(info: dict[str, Any]) -> float | None:
-    seconds = info["summary"].get("duration")
-    status = info["status"]
-    if seconds is None and info["state"] in runs.ACTIVE_STATES:
+def _duration_minutes(info: RunInfo) -> float | None:
+    seconds, status = info.duration, info.status
+    if seconds is None and info.active:
         begin = status.get("running_at") or status.get("started_at")
         seconds = time.time() - begin if isinstance(begin, (int, float)) else None
     return None if seconds is None else seconds / 60
@@ -115,37 +99,32 @@ def _number(row: dict[str, Any], column: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) and pd.notna(value) else None
 
 
-def runs_table(listing: list[dict[str, Any]]) -> pd.DataFrame:
+def runs_table(listing: list[RunInfo]) -> pd.DataFrame:
     """The Runs page's table, one row per run in `listing` order (newest first). Losses and metrics are those
     of the epoch the exported model comes from (see `shown_epoch`), so they describe the model in use."""
     rows = []
     for info in listing:
-        config = info["config"]
-        data, model = config.get("data") or {}, config.get("model") or {}
-        history = history_of(info["path"])
-        task = task_of(info)
-        planned = config.get("epochs")
-        if task == "train" and config.get("schedule") == "fine_tune" and isinstance(planned, int):
-            planned += config.get("freeze_epochs") or 0
+        config = info.config
+        history = history_of(info.path)
+        planned = config.total_epochs if config and not info.is_lr_find else None
         shown, model_from = shown_epoch(history)
-        exported = has_model(info["path"]) and shown and model_from
+        exported = info.has_model() and shown and model_from
         rows.append(
             {
-                "id": info["id"],
-                "created": datetime.fromtimestamp(info["created_at"]),
-                "state": info["state"],
-                "task": task,
-                "dataset": Path(data["path"]).name if data.get("path") else "",
-                "network": " · ".join(str(x) for x in (model.get("arch"), data.get("size") and f"{data['size']} px")
-                                      if x),
-                "epochs": f"{len(history.epochs)}/{planned}" if task == "train" and planned else "",
+                "id": info.id,
+                "created": datetime.fromtimestamp(info.created_at),
+                "state": info.state,
+                "task": "lr_find" if info.is_lr_find else "train",
+                "dataset": Path(config.data.path).name if config and config.data.path else "",
+                "network": f"{config.model.arch} · {config.data.size} px" if config else "",
+                "epochs": f"{len(history.epochs)}/{planned}" if planned else "",
                 "valid loss": _number(shown, "valid_loss"),
                 "error rate": _number(shown, "error_rate"),
                 # multi-label runs log accuracy_multi instead of an error rate
                 "accuracy (multi-label)": _number(shown, "accuracy_multi"),
                 "model": f"{runs.epoch_number(int(shown['epoch']))} · {model_from}" if exported else "",
                 "minutes": _duration_minutes(info),
-                "disk": runs.disk_usage(info["path"]) / 2**20,
+                "disk": runs.disk_usage(info.path) / 2**20,
             }
         )
     table = pd.DataFrame(rows)
@@ -236,41 +215,3 @@ def compare_figure(histories: dict[str, pd.DataFrame], height: int = 420) -> go.
         hovermode="closest",
     )
     return fig
-
-
-@st.cache_data(max_entries=256, show_spinner=False)
-def _split_line(record: str, mtime: float, size: int, data: dict[str, Any]) -> str:
-    return describe_split(read_json(record), DataConfig(**data))
-
-
-def split_line(run_dir: str | Path, config: dict[str, Any]) -> str | None:
-    """The split the run used, in words, from its dataset record; None before the run has read its data."""
-    record = Path(run_dir) / DATASET_RECORD
-    mtime, size = _file_key(record)
-    if not size:
-        return None
-    try:
-        return _split_line(str(record), mtime, size, config.get("data") or {})
-    except (OSError, ValueError, KeyError, TypeError):  # a damaged record, or a config this version cannot read
-        return None
-
-
-def config_lines(config: dict[str, Any], split: str | None) -> list[str]:
-    """A few human lines about a run: data (with the split it used, see `split_line`), model, schedule."""
-    data, model = config.get("data") or {}, config.get("model") or {}
-    lines = []
-    if data.get("path"):
-        lines.append(f"**Data** `{data['path']}` · {data.get('size')} px · batch {data.get('batch_size')} · "
-                     + (split or "split not known yet: the run has not read its data"))
-    if model:
-        weights = "ImageNet weights" if model.get("pretrained") else "from scratch"
-        if model.get("weights_path"):
-            weights = f"weights from `{Path(model['weights_path']).name}`"
-        lines.append(f"**Model** {model.get('arch')} · {weights} · {model.get('head')} head")
-    if config.get("schedule"):
-        lr = config.get("lr")
-        frozen = f" ({config.get('freeze_epochs')} frozen first)" if config.get("schedule") == "fine_tune" else ""
-        rate = f"lr {lr:g}" if isinstance(lr, (int, float)) else "lr ?"
-        lines.append(f"**Schedule** {config['schedule']} · {config.get('epochs')} epochs{frozen} · {rate} · "
-                     f"{config.get('optimizer')} · wd {config.get('weight_decay')}")
-    return lines

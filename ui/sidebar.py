@@ -6,8 +6,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from core import runs
 from core.env import describe_device, resolve_device, runs_dir
+from core.runlist import RunInfo, list_runs
 from ui.state import current_dataset, current_run, set_run
 
 
@@ -18,8 +18,8 @@ def device_line() -> str:
     return describe_device(device)
 
 
-def _run_label(info: dict) -> str:
-    return f"{info['id']} · {info['state']}"
+def _run_label(info: RunInfo) -> str:
+    return f"{info.id} · {info.state}"
 
 
 def render_sidebar() -> None:
@@ -30,13 +30,13 @@ def render_sidebar() -> None:
         dataset = current_dataset()
         st.markdown(f":material/folder: `{Path(dataset).name}`" if dataset else "No dataset yet: open one on **Data**.")
         st.caption("Run")
-        listing = runs.list_runs(runs_dir())
+        listing = list_runs(runs_dir())
         if not listing:
             st.markdown("No runs yet: start one on **Train**.")
             return
         selected = current_run()
-        ids = [info["id"] for info in listing]
-        labels = {info["id"]: _run_label(info) for info in listing}
+        ids = [info.id for info in listing]
+        labels = {info.id: _run_label(info) for info in listing}
         index = ids.index(selected.name) if selected and selected.name in ids else 0
         choice = st.selectbox("Run", ids, index=index, format_func=labels.get, label_visibility="collapsed")
         set_run(choice)

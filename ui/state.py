@@ -8,9 +8,10 @@ from pathlib import Path
 
 import streamlit as st
 
-from core import runs
+from core import runlist
 from core.env import check_data_path, runs_dir, workspace_dir
 from core.fileio import atomic_write_json
+from core.runlist import RunInfo
 
 DATASET_KEY = "dataset"
 RUN_KEY = "run_id"
@@ -65,10 +66,9 @@ def run_path(run_id: str) -> Path:
     return runs_dir() / run_id
 
 
-def training_runs() -> list[dict]:
-    """Every run but LR-finder sweeps (a sweep is a run directory too, but "a run" means a training run),
-    newest first."""
-    return [r for r in runs.list_runs(runs_dir()) if r.get("status", {}).get("task") != "lr-find"]
+def training_runs() -> list[RunInfo]:
+    """Every run but LR-finder sweeps (see core.runlist.training_runs), newest first."""
+    return runlist.training_runs(runs_dir())
 
 
 def current_run() -> Path | None:
@@ -79,13 +79,13 @@ def current_run() -> Path | None:
     trainings = training_runs()
     if not trainings:
         return None
-    st.session_state[RUN_KEY] = trainings[0]["id"]
-    return Path(trainings[0]["path"])
+    st.session_state[RUN_KEY] = trainings[0].id
+    return trainings[0].path
 
 
 def latest_run_where(ready: Callable[[Path], bool]) -> Path | None:
     """The newest training run for which `ready(run_dir)` holds, e.g. the newest with a model."""
-    return next((Path(r["path"]) for r in training_runs() if ready(Path(r["path"]))), None)
+    return next((info.path for info in training_runs() if ready(info.path)), None)
 
 
 def set_run(run_id: str | None) -> None:
