@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from core import clean, interpret, runs
+from core import clean, cleanlog, cleanrun, interpret, runs
 from core.csvfile import csv_for_people
 from core.data import LAYOUT_NAMES
 from core.env import check_data_path
@@ -37,7 +37,7 @@ from ui.state import set_run
 st.title("Clean")
 run, valid = require_run_tables()
 try:
-    datasets = clean.run_datasets(run)
+    datasets = cleanrun.run_datasets(run)
 except (OSError, ValueError, KeyError) as e:
     st.error(f"Run **{run.name}** does not say which dataset it was trained on ({e}); it cannot be cleaned here.")
     st.stop()
@@ -57,7 +57,7 @@ tables = {s: t for s, t in (("valid", valid), ("train", run_table(run, "train"))
 computed_at = min(interpret.table_path(run, s).stat().st_mtime for s in tables)
 marks: dict[str, str] = st.session_state.setdefault(MARKS_KEY, {})
 try:  # the change log is read first: one that is a symbolic link is refused here, never followed
-    handled = clean.handled_in(datasets)
+    handled = cleanrun.handled_in(datasets)
 except OSError as e:
     st.error(f"The cleaner's change log of this dataset cannot be used: {e}.", icon=":material/block:")
     st.stop()
@@ -71,8 +71,8 @@ if not relabel_ok:
 
 # ---------------------------------------------------------------- staged changes: one apply, one undo
 changes = [to_change(f, m, computed_at) for f, m in sorted(marks.items())]
-n_delete = sum(c.action == clean.DELETE for c in changes)
-undo_batch, n_undo, _ = clean.undoable_in(datasets)
+n_delete = sum(c.action == cleanlog.DELETE for c in changes)
+undo_batch, n_undo, _ = cleanrun.undoable_in(datasets)
 with st.container(horizontal=True, gap="small", vertical_alignment="center", border=True):
     st.markdown(f"**{n_delete}** to delete, **{len(changes) - n_delete}** to relabel")
     st.space("stretch")
@@ -91,7 +91,7 @@ elif outcome:
     for line in outcome["skipped"]:
         st.caption(f":material/block: {line}")
 if changes:
-    preview = clean.apply_to(datasets, changes, dry_run=True)  # stats only, no hashing: cheap on every rerun
+    preview = cleanrun.apply_to(datasets, changes, dry_run=True)  # stats only, no hashing: cheap on every rerun
     rows_preview = [{"action": m.action, "file": str(m.source), "to": str(m.target or ""), "problem": m.reason}
                     for m in preview.applied + preview.skipped]
     with st.expander(f"Preview (dry run): {preview.summary()}", expanded=bool(preview.skipped)):
@@ -110,7 +110,7 @@ def cell(row: pd.Series) -> None:
     file = row["file"]
     done = handled.get(Path(file))
     if done:  # applied: the table still has the old path, so show the file where it is now
-        note = "In the trash" if done["action"] == clean.DELETE else f"Moved to {done.get('new_label')}"
+        note = "In the trash" if done["action"] == cleanlog.DELETE else f"Moved to {done.get('new_label')}"
         if image_or_note(done["now"], note):
             st.caption(f":material/check_circle: {note}")
         return
@@ -138,7 +138,7 @@ else:
         grid([rows.iloc[i] for i in shown], cell)
 
 # ---------------------------------------------------------------- history and retrain
-log = clean.log_table(datasets)
+log = cleanrun.log_table(datasets)
 with st.expander(f"Change log ({len(log)} entries)"):
     if log:
         frame = log_frame(log)

@@ -1,10 +1,10 @@
 """Staged cleaning of a dataset folder: delete to a trash folder, relabel by moving, log every change, undo.
 
 Nothing is ever removed from disk. A delete moves the file to `<dataset>/.trash/<batch>/<its relative path>`;
-a relabel moves it to the new class folder. Every applied change is appended to
-`<dataset>/.loupe/clean_log.jsonl` with its batch id, action, source and target (relative to the dataset
-root), sha256 and size, so `undo_last` can put each file back exactly where it was and check it is the very
-same file. Both folders are hidden, so `core.data` never counts them as images or classes.
+a relabel moves it to the new class folder. Every applied change is appended to the dataset's change log
+(core.cleanlog, `<dataset>/.loupe/clean_log.jsonl`), so `undo_last` can put each file back exactly where it was
+and check it is the very same file. Both folders are hidden, so `core.data` never counts them as images or
+classes. Cleaning a run's several dataset folders as one batch is core.cleanrun.
 
 Safety rules, applied to every change before anything moves:
   * the source must still exist, be a regular file (not a symlink) and, where the change recorded its size,
@@ -23,26 +23,16 @@ import hashlib
 import os
 import re
 import shutil
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from core.config import config_problem
+from core.cleanlog import ACTIONS, DELETE, RELABEL, UNDO, UNDO_SKIPPED, last_undoable, locked, log_move, read_log
 from core.data import LAYOUT_NAMES
-from core.fileio import LinkRefused, append_jsonl, file_lock, open_fd, read_json, read_jsonl
-from core.rundir import CONFIG_FILE, RunDir
 from core.stamps import stamped_id
 
 TRASH_DIR = ".trash"
-STATE_DIR = ".loupe"
-LOG_FILE = "clean_log.jsonl"
-LOCK_FILE = "clean.lock"
-DELETE, RELABEL, UNDO = "delete", "relabel", "undo"
-UNDO_SKIPPED = "undo-skipped"  # logged for a change an undo could not reverse, so the next undo moves on
 MAX_NAME_BYTES = 255  # the longest file or folder name ext4, APFS, NTFS and most others allow
-ACTIONS = (DELETE, RELABEL)
 RELABEL_LAYOUTS = ("folders", "split_folders")
 MTIME_TOLERANCE = 1e-6  # seconds; mtimes written as floats lose a little precision in JSON
 _COPY_NUMBER = re.compile(r"^(.*) \((\d+)\)$")
@@ -295,14 +285,14 @@ def apply_changes(
     if dry_run:
         planned = plan_changes(root, changes, layout, batch_id=batch)
         return CleanResult([m for m in planned if m.ok], [m for m in planned if not m.ok], None, dry_run=True)
-    with _locked(root):
+    with locked(root):
         planned = plan_changes(root, changes, layout, batch_id=batch, hash_files=True)
         applied, skipped = [], [m for m in planned if not m.ok]
         for move in (m for m in planned if m.ok):
             done = _move(root, move)
             if done is None:
                 applied.append(move)
-                _log(root, batch, move)
+                log_move(root, batch, move)
             else:
                 move.problems.append(done)
                 skipped.append(move)
@@ -320,8 +310,8 @@ def undo_last(dataset_root: str | os.PathLike) -> CleanResult:
     Folders the batch created are removed once empty.
     """
     root = Path(os.path.realpath(dataset_root))
-    with _locked(root):
-        batch, entries = _last_undoable(read_log(root))
+    with locked(root):
+        batch, entries = last_undoable(read_log(root))
         if batch is None:
             return CleanResult([], [], None, undone=None)
         undo_batch = stamped_id()
@@ -335,11 +325,11 @@ def undo_last(dataset_root: str | os.PathLike) -> CleanResult:
                     move.problems.append(failure)
             if move.ok:
                 applied.append(move)
-                _log(root, undo_batch, move)
+                log_move(root, undo_batch, move)
                 _remove_empty_dirs(root, [root / d for d in entry.get("made_dirs", [])])
             else:
                 skipped.append(move)
-                _log(root, undo_batch, move, action=UNDO_SKIPPED)
+                log_move(root, undo_batch, move, action=UNDO_SKIPPED)
     return CleanResult(applied, skipped, undo_batch if applied else None, undone=batch)
 
 
@@ -357,38 +347,6 @@ def _plan_undo(root: Path, entry: dict) -> PlannedMove:
     elif os.path.lexists(original):
         move.problems.append(f"a file now exists at {entry['source']}; it is not overwritten")
     return move
-
-
-def _last_undoable(log: list[dict]) -> tuple[str | None, list[dict]]:
-    """The newest batch with changes not yet undone (nor given up by an undo), in the order they were applied."""
-    undone = {(e.get("undoes"), e.get("target")) for e in log if e.get("action") in (UNDO, UNDO_SKIPPED)}
-    pending: dict[str, list[dict]] = {}
-    for entry in log:
-        if entry.get("action") in ACTIONS and (entry.get("batch"), entry.get("source")) not in undone:
-            pending.setdefault(entry["batch"], []).append(entry)
-    if not pending:
-        return None, []
-    last = max(pending, key=lambda b: max(e.get("time", 0) for e in pending[b]))
-    return last, pending[last]
-
-
-def undoable(dataset_root: str | os.PathLike) -> tuple[str | None, int, float | None]:
-    """(batch, number of files, time) that `undo_last` would reverse; (None, 0, None) when nothing is left."""
-    batch, entries = _last_undoable(read_log(dataset_root))
-    return batch, len(entries), max((e.get("time", 0) for e in entries), default=None)
-
-
-def handled_files(dataset_root: str | os.PathLike) -> dict[Path, dict]:
-    """Files that applied changes moved away and that are not back: original absolute path -> its log entry,
-    plus "now", the absolute path the file is at."""
-    root = Path(os.path.realpath(dataset_root))
-    log = read_log(root)
-    undone = {(e.get("undoes"), e.get("target")) for e in log if e.get("action") == UNDO}
-    out: dict[Path, dict] = {}
-    for entry in log:
-        if entry.get("action") in ACTIONS and (entry.get("batch"), entry.get("source")) not in undone:
-            out[root / entry["source"]] = {**entry, "now": root / entry["target"]}
-    return out
 
 
 def _move(root: Path, move: PlannedMove) -> str | None:
@@ -451,152 +409,3 @@ def _remove_empty_dirs(root: Path, folders: Sequence[Path]) -> None:
                 folder.rmdir()
 
 
-# ---------------------------------------------------------------- the log
-
-
-def _log(root: Path, batch: str, move: PlannedMove, action: str | None = None) -> None:
-    """Append one line for `move` (logged as `action`, else its own) to the dataset's change log."""
-    assert move.target is not None
-    entry: dict[str, Any] = {
-        "batch": batch,
-        "time": time.time(),
-        "action": action or move.action,
-        "source": move.source.relative_to(root).as_posix(),
-        "target": move.target.relative_to(root).as_posix(),
-        "new_label": move.new_label,
-        "sha256": move.sha256,
-        "size": move.size,
-    }
-    if move.undoes:
-        entry["undoes"] = move.undoes
-    if move.made_dirs:
-        entry["made_dirs"] = [d.relative_to(root).as_posix() for d in move.made_dirs]
-    if move.problems:
-        entry["reason"] = move.reason
-    with _own_files():  # flushed to disk: the log survives a crash right after a move
-        append_jsonl(root / STATE_DIR / LOG_FILE, entry, fsync=True, follow_symlinks=False)
-
-
-def read_log(dataset_root: str | os.PathLike) -> list[dict]:
-    """Every logged change of a dataset, oldest first (an unreadable line is skipped, never fatal).
-    OwnFileLinked when the log or its folder is a symbolic link."""
-    with _own_files():
-        entries = read_jsonl(Path(os.path.realpath(dataset_root)) / STATE_DIR / LOG_FILE, follow_symlinks=False)
-    return [e for e in entries if {"batch", "action", "source", "target"} <= e.keys()]
-
-
-class OwnFileLinked(OSError):
-    """Loupe's own folder or file inside a dataset (.loupe/...) is a symbolic link: never followed, refused."""
-
-
-@contextlib.contextmanager
-def _own_files() -> Iterator[None]:
-    """Loupe's own files in a dataset are opened following no link, neither .loupe nor the file (a link there
-    could make Loupe write into any file the server may write); this says so in the Clean page's words."""
-    try:
-        yield
-    except LinkRefused as e:
-        raise OwnFileLinked(errno.ELOOP, f"{e.link} is a symbolic link; Loupe never reads or writes its own files "
-                                         "through a link. Remove the link (it holds none of your images)") from None
-
-
-@contextlib.contextmanager
-def _locked(root: Path) -> Iterator[None]:
-    """One apply or undo at a time per dataset (two browser tabs, two users). Refuses (OwnFileLinked) before
-    anything moves when the lock, the log or their folder is a link, so every move can be logged."""
-    folder = root / STATE_DIR
-    with contextlib.suppress(FileExistsError):  # a folder, or a link that the opens below refuse
-        os.mkdir(folder)
-    with _own_files(), file_lock(folder / LOCK_FILE, follow_symlinks=False):
-        os.close(open_fd(folder / LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, follow_symlinks=False))
-        yield
-
-
-# ---------------------------------------------------------------- the datasets of a run
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """A folder a run's items come from, with its layout (what relabelling means there)."""
-
-    root: Path
-    layout: str
-
-
-def run_datasets(run_dir: str | os.PathLike) -> list[Dataset]:
-    """The dataset folder a run trained on (as recorded when it started), then its extra training folders."""
-    record = read_json(RunDir(run_dir).dataset_record)
-    config = read_json(RunDir(run_dir).config)
-    problem = config_problem(config) if isinstance(config, dict) else f"{CONFIG_FILE} does not hold a JSON object"
-    if problem:
-        raise ValueError(problem)
-    extra = (config.get("data") or {}).get("extra_train") or []
-    return [Dataset(Path(record["root"]), record["layout"])] + [
-        Dataset(Path(p).expanduser().resolve(), "folders") for p in extra
-    ]
-
-
-def _owner(datasets: Sequence[Dataset], file: str | os.PathLike) -> Dataset | None:
-    real = Path(os.path.realpath(file))
-    # The deepest root wins: an extra folder could sit inside the main one.
-    for ds in sorted(datasets, key=lambda d: len(Path(os.path.realpath(d.root)).parts), reverse=True):
-        if _inside(real, Path(os.path.realpath(ds.root))):
-            return ds
-    return None
-
-
-def apply_to(datasets: Sequence[Dataset], changes: Sequence[Change], *, dry_run: bool = False) -> CleanResult:
-    """`apply_changes` over several dataset folders as one batch: each change goes to the folder holding its
-    file; a file in none of them is skipped."""
-    batch = stamped_id()
-    outside = [PlannedMove(c.action, Path(c.file), None, c.new_label,
-                           ["not inside the run's dataset folders; refused"])
-               for c in changes if _owner(datasets, c.file) is None]
-    result = CleanResult([], outside, None, dry_run=dry_run)
-    for ds in datasets:
-        mine = [c for c in changes if _owner(datasets, c.file) == ds]
-        if mine:
-            part = apply_changes(ds.root, mine, ds.layout, dry_run=dry_run, batch_id=batch)
-            result.applied += part.applied
-            result.skipped += part.skipped
-            result.batch_id = result.batch_id or part.batch_id
-    return result
-
-
-def undo_last_of(datasets: Sequence[Dataset]) -> CleanResult:
-    """Undo the newest not-yet-undone batch among the folders (one apply = one batch, in one or more folders)."""
-    batch = undoable_in(datasets)[0]
-    if batch is None:
-        return CleanResult([], [], None)
-    result = CleanResult([], [], None, undone=batch)
-    for ds in datasets:
-        if undoable(ds.root)[0] == batch:
-            part = undo_last(ds.root)
-            result.applied += part.applied
-            result.skipped += part.skipped
-            result.batch_id = result.batch_id or part.batch_id
-    return result
-
-
-def undoable_in(datasets: Sequence[Dataset]) -> tuple[str | None, int, float | None]:
-    """What `undo_last_of` would reverse: (batch, number of files, time), or (None, 0, None)."""
-    pending = [undoable(ds.root) for ds in datasets]
-    pending = [p for p in pending if p[0] is not None]
-    if not pending:
-        return None, 0, None
-    batch, _, when = max(pending, key=lambda p: p[2])
-    return batch, sum(n for b, n, _ in pending if b == batch), when
-
-
-def handled_in(datasets: Sequence[Dataset]) -> dict[Path, dict]:
-    """`handled_files` of every folder, merged."""
-    out: dict[Path, dict] = {}
-    for ds in datasets:
-        out.update(handled_files(ds.root))
-    return out
-
-
-def log_table(datasets: Sequence[Dataset]) -> list[dict]:
-    """Every folder's log, newest first, each entry with its `dataset` folder."""
-    rows = [{**e, "dataset": str(ds.root)} for ds in datasets for e in read_log(ds.root)]
-    return sorted(rows, key=lambda e: e.get("time", 0), reverse=True)

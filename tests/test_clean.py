@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from core import clean
-from core.clean import Change, apply_changes, plan_changes, read_log, undo_last
+from core import clean, cleanlog
+from core.clean import Change, apply_changes, plan_changes, undo_last
+from core.cleanlog import read_log
 from core.data import DataConfig, load_source
 
 
@@ -20,7 +21,7 @@ def hashes(root: Path) -> dict[str, str]:
     out = {}
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
-        if path.is_file() and rel.parts[0] != clean.STATE_DIR:
+        if path.is_file() and rel.parts[0] != cleanlog.STATE_DIR:
             out[rel.as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
 
@@ -109,7 +110,7 @@ def test_undo_goes_back_one_batch_at_a_time(folders):
     apply_changes(folders, [Change(folders / "dog" / "dog_0.png", "delete")], layout="folders")
     undo_last(folders)
     assert hashes(folders) == middle
-    assert clean.undoable(folders)[0] == first.batch_id
+    assert cleanlog.undoable(folders)[0] == first.batch_id
     undo_last(folders)
     assert hashes(folders) == start
 
@@ -189,7 +190,7 @@ def test_dry_run_lists_the_changes_and_touches_nothing(folders):
         ("relabel", ("fox", "cat_1.png")),
     ]
     assert hashes(folders) == before
-    assert not (folders / clean.STATE_DIR).exists() and not (folders / clean.TRASH_DIR).exists()
+    assert not (folders / cleanlog.STATE_DIR).exists() and not (folders / clean.TRASH_DIR).exists()
 
 
 def test_plan_matches_what_apply_does(folders):
@@ -239,13 +240,13 @@ def test_bad_class_names_are_refused(folders):
 def test_handled_files_lists_what_is_moved_and_not_back(folders):
     result = apply_changes(folders, [Change(folders / "cat" / "cat_0.png", "delete"),
                                      Change(folders / "dog" / "dog_0.png", "relabel", "fox")], layout="folders")
-    handled = clean.handled_files(folders)
+    handled = cleanlog.handled_files(folders)
     root = folders.resolve()
     assert handled[root / "cat" / "cat_0.png"]["action"] == "delete"
     assert handled[root / "dog" / "dog_0.png"]["target"] == "fox/dog_0.png"
-    assert clean.undoable(folders)[:2] == (result.batch_id, 2)
+    assert cleanlog.undoable(folders)[:2] == (result.batch_id, 2)
     undo_last(folders)
-    assert clean.handled_files(folders) == {}
+    assert cleanlog.handled_files(folders) == {}
 
 
 def test_relative_paths_and_a_symlinked_root_work(folders, tmp_path):
@@ -265,21 +266,21 @@ def test_the_cleaner_never_reads_or_writes_through_a_symlinked_file_of_its_own(f
     refused before anything moves, and the outside file keeps its bytes."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    outside = elsewhere / (clean.LOCK_FILE if link == "lock" else clean.LOG_FILE)
+    outside = elsewhere / (cleanlog.LOCK_FILE if link == "lock" else cleanlog.LOG_FILE)
     outside.write_text("someone else's file\n")
-    state = folders / clean.STATE_DIR
+    state = folders / cleanlog.STATE_DIR
     if link == "folder":
         state.symlink_to(elsewhere, target_is_directory=True)
     else:
         state.mkdir()
         (state / outside.name).symlink_to(outside)
     before = hashes(folders)
-    with pytest.raises(clean.OwnFileLinked, match="symbolic link"):
+    with pytest.raises(cleanlog.OwnFileLinked, match="symbolic link"):
         apply_changes(folders, [Change(folders / "cat" / "cat_0.png", "delete")], layout="folders")
-    with pytest.raises(clean.OwnFileLinked):
+    with pytest.raises(cleanlog.OwnFileLinked):
         undo_last(folders)
     if link != "lock":
-        with pytest.raises(clean.OwnFileLinked):
+        with pytest.raises(cleanlog.OwnFileLinked):
             read_log(folders)
     assert outside.read_text() == "someone else's file\n"
     assert hashes(folders) == before and not (folders / clean.TRASH_DIR).exists()
@@ -298,13 +299,13 @@ def test_undo_reports_what_cannot_be_restored_and_moves_on_to_the_batch_before(f
     assert [m.source.name for m in result.applied] == ["fox_0.png"]  # what can be undone is undone
     assert len(result.skipped) == 1 and "no longer there" in result.skipped[0].reason
     assert result.summary() == "Restored 1 file; skipped 1."
-    assert clean.undoable(folders)[0] == first.batch_id
+    assert cleanlog.undoable(folders)[0] == first.batch_id
 
     result = undo_last(folders)
     assert result.undone == first.batch_id and [m.source.name for m in result.applied] == ["cat_0.png"]
     assert hashes(folders) == {k: v for k, v in start.items() if k != "dog/dog_0.png"}
     assert undo_last(folders).undone is None
-    assert [e["action"] for e in read_log(folders)].count(clean.UNDO_SKIPPED) == 1
+    assert [e["action"] for e in read_log(folders)].count(cleanlog.UNDO_SKIPPED) == 1
 
 
 def test_a_class_name_too_long_for_a_folder_is_refused_up_front(folders):

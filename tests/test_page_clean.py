@@ -11,7 +11,7 @@ import pytest
 from conftest import failed_after, open_app_page, tiny_config, train_tiny_run
 from streamlit.testing.v1 import AppTest
 
-from core import clean, runs
+from core import clean, cleanlog, runs
 from core.demo import DemoSpec, make_demo_dataset
 from core.env import runs_dir
 from core.runlist import list_runs
@@ -36,7 +36,7 @@ def dataset_hashes(root: Path) -> dict[str, str]:
     return {
         p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.relative_to(root).parts[0] != clean.STATE_DIR
+        if p.is_file() and p.relative_to(root).parts[0] != cleanlog.STATE_DIR
     }
 
 
@@ -86,7 +86,7 @@ def test_mark_switch_apply_undo(home, monkeypatch):
     first, second = mark_boxes(at)[:2]
     doomed, moved = Path(first.key.split(":", 1)[1]), Path(second.key.split(":", 1)[1])
     before_counts = class_counts(at)
-    first.set_value(clean.DELETE).run()
+    first.set_value(cleanlog.DELETE).run()
     mark_boxes(at)[1].set_value("relabel:triangle").run()
     assert not at.exception and staged_line(at).startswith("**1** to delete, **1** to relabel")
 
@@ -98,7 +98,7 @@ def test_mark_switch_apply_undo(home, monkeypatch):
     at.segmented_control(key="clean_split").set_value("valid").run()
     at.selectbox(key="clean_class").set_value("circle").run()
     values = {b.key.split(":", 1)[1]: b.value for b in mark_boxes(at)}
-    assert values[str(doomed)] == clean.DELETE and values[str(moved)] == "relabel:triangle"
+    assert values[str(doomed)] == cleanlog.DELETE and values[str(moved)] == "relabel:triangle"
     assert any("Preview (dry run)" in e.label for e in at.expander)
 
     at.button(key="clean_apply").click().run()
@@ -107,7 +107,7 @@ def test_mark_switch_apply_undo(home, monkeypatch):
     assert (root / "triangle" / moved.name).exists()
     trashed = list((root / clean.TRASH_DIR).rglob(doomed.name))
     assert len(trashed) == 1
-    log = clean.read_log(root)
+    log = cleanlog.read_log(root)
     assert sorted(e["action"] for e in log) == ["delete", "relabel"]
     assert any("Applied" in s.value for s in at.success)
     # The class menu counts what the folders hold now: one circle deleted, one moved to triangle.
@@ -132,8 +132,8 @@ def test_a_file_changed_or_gone_since_the_losses_is_skipped_not_lost(home, monke
     at = open_page(home, monkeypatch)
     boxes = mark_boxes(at)
     changed, gone = Path(boxes[0].key.split(":", 1)[1]), Path(boxes[1].key.split(":", 1)[1])
-    boxes[0].set_value(clean.DELETE).run()
-    mark_boxes(at)[1].set_value(clean.DELETE).run()
+    boxes[0].set_value(cleanlog.DELETE).run()
+    mark_boxes(at)[1].set_value(cleanlog.DELETE).run()
     stat = changed.stat()
     os.utime(changed, (time.time(), time.time()))  # edited after the run computed its loss
     aside = gone.rename(gone.with_name(gone.name + ".away"))  # removed behind Loupe's back
@@ -141,7 +141,7 @@ def test_a_file_changed_or_gone_since_the_losses_is_skipped_not_lost(home, monke
         before = dataset_hashes(root)
         at.button(key="clean_apply").click().run()
         assert not at.exception
-        assert dataset_hashes(root) == before and clean.read_log(root)[-1]["action"] == "undo"
+        assert dataset_hashes(root) == before and cleanlog.read_log(root)[-1]["action"] == "undo"
         warning = " ".join(w.value for w in at.warning)
         assert "skipped 2" in warning
         reasons = " ".join(c.value for c in at.caption)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from core import clean
+from core import clean, cleanlog, cleanrun
 
 PER_PAGE = 24  # fills 4, 6 or 8 columns evenly
 PAGE_KEY = "clean_page"
@@ -20,7 +20,7 @@ KEEP, DELETE, RELABEL = "keep", "delete", "relabel:"
 
 
 def log_frame(log: list[dict]) -> pd.DataFrame:
-    """The change log (core.clean.log_table) as the table the page shows and offers as a CSV, newest first."""
+    """The change log (core.cleanrun.log_table) as the table the page shows and offers as a CSV, newest first."""
     frame = pd.DataFrame(log)
     frame["time"] = [datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") for t in frame["time"]]
     cols = [c for c in ("time", "batch", "action", "source", "target", "new_label", "size", "sha256") if c in frame]
@@ -52,21 +52,21 @@ def clear_marks() -> None:
 
 def current_counts(table: pd.DataFrame, handled: dict[Path, dict]) -> Counter:
     """Images per class as the dataset is now, not as the run's table saw it: an image applied to the trash no
-    longer counts, a moved one counts for its new class (`handled` is core.clean.handled_in's answer)."""
+    longer counts, a moved one counts for its new class (`handled` is core.cleanrun.handled_in's answer)."""
     counts: Counter = Counter()
     for file, actual in zip(table["file"], table["actual"]):
         done = handled.get(Path(file))
         if done is None:
             counts[actual] += 1
-        elif done["action"] == clean.RELABEL:
+        elif done["action"] == cleanlog.RELABEL:
             counts[done.get("new_label")] += 1
     return counts
 
 
 def to_change(file: str, mark: str, computed_at: float) -> clean.Change:
     if mark == DELETE:
-        return clean.Change(Path(file), clean.DELETE, computed_at=computed_at)
-    return clean.Change(Path(file), clean.RELABEL, mark.removeprefix(RELABEL), computed_at=computed_at)
+        return clean.Change(Path(file), cleanlog.DELETE, computed_at=computed_at)
+    return clean.Change(Path(file), cleanlog.RELABEL, mark.removeprefix(RELABEL), computed_at=computed_at)
 
 
 def report(result: clean.CleanResult) -> None:
@@ -82,9 +82,9 @@ def failed(what: str, error: OSError) -> None:
                                              "are in the change log and can be undone."}
 
 
-def apply_marks(datasets: list[clean.Dataset], changes: list[clean.Change]) -> None:
+def apply_marks(datasets: list[cleanrun.Dataset], changes: list[clean.Change]) -> None:
     try:
-        result = clean.apply_to(datasets, changes)
+        result = cleanrun.apply_to(datasets, changes)
     except OSError as e:  # e.g. a read-only dataset folder: no log, no trash can be made
         failed("apply the changes", e)
         return
@@ -95,8 +95,8 @@ def apply_marks(datasets: list[clean.Dataset], changes: list[clean.Change]) -> N
     report(result)
 
 
-def undo(datasets: list[clean.Dataset]) -> None:
+def undo(datasets: list[cleanrun.Dataset]) -> None:
     try:
-        report(clean.undo_last_of(datasets))
+        report(cleanrun.undo_last_of(datasets))
     except OSError as e:
         failed("undo", e)

@@ -16,7 +16,7 @@ import pandas as pd
 import streamlit as st
 from PIL import Image, ImageOps
 
-from core import clean, interpret, runs
+from core import cleanrun, interpret, runs
 from core.env import check_data_path
 from core.images import jpeg_bytes
 from ui.cache import run_table, thumb
@@ -118,7 +118,7 @@ def refuse_outside_roots(run: Path, what: str) -> None:
     """Stop the page when `run` trained on a folder this server may not read (LOUPE_DATA_ROOTS). A run made
     from the command line may name any folder; `what` says what the page would do with its images."""
     try:
-        folders = [dataset.root for dataset in clean.run_datasets(run)]
+        folders = [dataset.root for dataset in cleanrun.run_datasets(run)]
     except (OSError, ValueError, KeyError, TypeError):
         return  # no readable record of its folders: ui.cache.thumb still checks every image on its own
     for folder in folders:
