@@ -12,6 +12,7 @@ from core.csvfile import csv_for_people
 from core.data import LAYOUT_NAMES
 from core.env import check_data_path
 from core.fileio import read_json
+from core.rundir import RunDir
 from ui.cache import run_table
 from ui.clean_view import (
     DELETE,
@@ -54,7 +55,7 @@ if not root.is_dir():
 vocab: list[str] = list(valid.attrs["vocab"])
 tables = {s: t for s, t in (("valid", valid), ("train", run_table(run, "train"))) if t is not None}
 # When the losses were computed: a file modified after that is skipped rather than changed blind.
-computed_at = min(interpret.table_path(run, s).stat().st_mtime for s in tables)
+computed_at = min(RunDir(run).table(s).stat().st_mtime for s in tables)
 marks: dict[str, str] = st.session_state.setdefault(MARKS_KEY, {})
 try:  # the change log is read first: one that is a symbolic link is refused here, never followed
     handled = cleanrun.handled_in(datasets)

@@ -9,6 +9,7 @@ Four layouts are detected (see `detect_layout`):
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import re
@@ -144,6 +145,29 @@ def list_images(root: str | os.PathLike) -> list[Path]:
 
 def iter_images(root: str | os.PathLike) -> Iterator[Path]:
     """The image files of `list_images`, unsorted and one at a time: asking whether there is any stops early."""
+    for _, files in _walk(root):
+        yield from (path for path in files if is_image_file(path))
+
+
+def listing_signature(root: str | os.PathLike) -> tuple[int, int]:
+    """(entries, newest mtime in ns) over the folders `list_images` walks and the files at the top: a key that
+    changes whenever the listing may have (adding, removing or renaming a file changes its folder's mtime; a CSV
+    edited in place changes its own). Only directory entries are read: a few ms for thousands of images."""
+    count, newest = 0, 0
+    for folder, files in _walk(root):
+        with contextlib.suppress(OSError):
+            newest = max(newest, folder.stat().st_mtime_ns)
+        count += len(files)
+        if folder == Path(root).resolve():
+            for path in files:
+                with contextlib.suppress(OSError):
+                    newest = max(newest, path.stat().st_mtime_ns)
+    return count, newest
+
+
+def _walk(root: str | os.PathLike) -> Iterator[tuple[Path, list[Path]]]:
+    """(folder, its visible files) for every folder under `root`, hidden ones skipped. Symlinks are followed only
+    where they resolve inside `root` (a dataset cannot pull in files from elsewhere), link cycles once."""
     root = Path(root).resolve()
     seen_dirs: set[Path] = set()
     stack = [root]
@@ -156,6 +180,7 @@ def iter_images(root: str | os.PathLike) -> Iterator[Path]:
             entries = list(os.scandir(folder))
         except OSError:
             continue
+        files = []
         for entry in entries:
             if entry.name.startswith("."):
                 continue
@@ -169,12 +194,13 @@ def iter_images(root: str | os.PathLike) -> Iterator[Path]:
                     continue
                 if target.is_dir():
                     stack.append(target)
-                elif is_image_file(path):
-                    yield path
+                else:
+                    files.append(path)
             elif entry.is_dir(follow_symlinks=False):
                 stack.append(path)
-            elif is_image_file(path):
-                yield path
+            else:
+                files.append(path)
+        yield folder, files
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -774,6 +800,14 @@ def make_dataloaders(cfg: DataConfig, device: torch.device | None = None, rank: 
     train = make_loader(source, split.train, cfg, train=True, device=device, rank=rank, world_size=world_size)
     valid = make_loader(source, split.valid, cfg, train=False, device=device, rank=rank, world_size=world_size)
     return DataLoaders(train, valid, source, split, bad)
+
+
+def split_counts(source: DataSource, split: Split) -> pd.DataFrame:
+    """One row per (class, side) with its number of images; multi-label items count once per label."""
+    sides = split.sides(len(source))
+    rows = [(label, side) for labels, side in zip(source.labels, sides) for label in labels]
+    table = pd.DataFrame(rows, columns=["class", "split"]).value_counts().rename("images").reset_index()
+    return table
 
 
 def source_record(source: DataSource, split: Split) -> dict:

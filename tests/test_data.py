@@ -631,3 +631,28 @@ def test_split_fixed_by_names_what_fixes_the_split(tmp_path, write_image):
         reason = split_fixed_by(DataConfig(path=str(folder)))
         assert (reason is not None and "is_valid" in reason) if with_column else reason is None
     assert split_fixed_by(DataConfig(path=str(tmp_path / "nowhere"))) is None
+
+
+def test_listing_signature_changes_with_the_listing_and_only_then(tmp_path, write_image):
+    from core.data import listing_signature
+
+    root = _class_folders(tmp_path / "set", {"cat": 2, "dog": 2}, write_image)
+    (root / "labels.csv").write_text("a,b\n")
+    before = listing_signature(root)
+    assert listing_signature(root) == before and before[0] == 5
+    write_image(root / "dog" / "new.png")  # a file added deep down: its folder's mtime moves
+    added = listing_signature(root)
+    assert added != before and added[0] == 6
+    stamp = os.stat(root / "labels.csv").st_mtime_ns + 10**9
+    os.utime(root / "labels.csv", ns=(stamp, stamp))  # a CSV at the top edited in place
+    assert listing_signature(root) != added
+
+
+def test_split_counts_counts_each_class_per_side(tmp_path, write_image):
+    from core.data import DataConfig, prepare, split_counts
+
+    root = _class_folders(tmp_path / "set", {"cat": 5, "dog": 5}, write_image)
+    source, _, split = prepare(DataConfig(path=str(root), valid_pct=0.2))
+    table = split_counts(source, split)
+    counts = {(row["class"], row["split"]): row["images"] for _, row in table.iterrows()}
+    assert counts == {("cat", "train"): 4, ("cat", "valid"): 1, ("dog", "train"): 4, ("dog", "valid"): 1}

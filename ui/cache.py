@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 import pandas as pd
 import streamlit as st
 
-from core import interpret
 from core.config import TrainConfig
 from core.env import check_data_path
 from core.fileio import read_json
@@ -19,7 +18,7 @@ from core.rundir import RunDir
 from core.thumbs import thumbnail
 
 if TYPE_CHECKING:
-    from core.model import Bundle
+    from core.bundle import Bundle
 
 
 def _mtime(path: Path) -> float:
@@ -28,9 +27,9 @@ def _mtime(path: Path) -> float:
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the model…")
 def _bundle(path: str, mtime: float) -> Bundle:
-    # core.model imports torchvision and with it every model definition (seconds): only pages that load a model
+    # core.bundle imports torchvision and with it every model definition (seconds): only pages that load a model
     # pay for it, not the galleries of the Data page, which share this module for thumbnails.
-    from core.model import load_bundle
+    from core.bundle import load_bundle
 
     return load_bundle(path)
 
@@ -43,12 +42,14 @@ def run_bundle(run_dir: Path) -> Bundle:
 
 @st.cache_data(max_entries=16, show_spinner=False)
 def _table(path: str, mtime: float) -> pd.DataFrame:
-    return interpret.load_table(path)
+    from core.interpret import load_table  # see _bundle: core.interpret imports torch
+
+    return load_table(path)
 
 
 def run_table(run_dir: Path, split: str = "valid") -> pd.DataFrame | None:
     """The per-item interpretation table a run wrote when it finished (None if it has none)."""
-    path = interpret.table_path(run_dir, split)
+    path = RunDir(run_dir).table(split)
     return _table(str(path), _mtime(path)) if path.exists() else None
 
 

@@ -289,35 +289,6 @@ def render_options(dataset: str) -> DataConfig:
 # ---------------------------------------------------------------- the analysis (cached)
 
 
-def listing_signature(root: str | Path) -> tuple[int, int]:
-    """(entries, newest mtime in ns) over every folder of the tree and the files at the top.
-
-    Adding, removing or renaming a file changes its folder's mtime; a CSV edited in place changes its own.
-    Only directory entries are read, so this costs a few ms for thousands of images.
-    """
-    count, newest = 0, 0
-    stack = [Path(root)]
-    while stack:
-        folder = stack.pop()
-        try:
-            newest = max(newest, folder.stat().st_mtime_ns)
-            entries = list(os.scandir(folder))
-        except OSError:
-            continue
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            count += 1
-            if entry.is_dir(follow_symlinks=False):
-                stack.append(Path(entry.path))
-            elif folder == Path(root):
-                try:
-                    newest = max(newest, entry.stat().st_mtime_ns)
-                except OSError:
-                    pass
-    return count, newest
-
-
 @st.cache_data(max_entries=8, show_spinner="Reading the labels and checking every image…")
 def _prepare(config_json: str, signature: tuple[int, int]) -> tuple[DataSource, list[BadImage], Split]:
     return data.prepare(DataConfig(**json.loads(config_json)))
@@ -325,15 +296,7 @@ def _prepare(config_json: str, signature: tuple[int, int]) -> tuple[DataSource, 
 
 def prepare(cfg: DataConfig) -> tuple[DataSource, list[BadImage], Split]:
     """core.data.prepare, computed once per folder state and options."""
-    return _prepare(json.dumps(asdict(cfg), sort_keys=True), listing_signature(cfg.path))
-
-
-def split_counts(source: DataSource, split: Split) -> pd.DataFrame:
-    """One row per (class, side) with its number of images; multi-label items count once per label."""
-    sides = split.sides(len(source))
-    rows = [(label, side) for labels, side in zip(source.labels, sides) for label in labels]
-    table = pd.DataFrame(rows, columns=["class", "split"]).value_counts().rename("images").reset_index()
-    return table
+    return _prepare(json.dumps(asdict(cfg), sort_keys=True), data.listing_signature(cfg.path))
 
 
 # ---------------------------------------------------------------- summary and warnings
@@ -397,7 +360,7 @@ def render_warnings(source: DataSource, bad: list[BadImage], split: Split) -> No
 
 
 def counts_figure(source: DataSource, split: Split):
-    table = split_counts(source, split)
+    table = data.split_counts(source, split)
     many = len(source.vocab) > 15
     axis = {"x": "images", "y": "class", "orientation": "h"} if many else {"x": "class", "y": "images"}
     fig = px.bar(

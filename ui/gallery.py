@@ -16,9 +16,10 @@ import pandas as pd
 import streamlit as st
 from PIL import Image, ImageOps
 
-from core import cleanrun, interpret, runs
+from core import cleanrun, runs
 from core.env import check_data_path
 from core.images import jpeg_bytes
+from core.rundir import RunDir
 from ui.cache import run_table, thumb
 from ui.state import current_run, latest_run_where
 
@@ -111,7 +112,7 @@ def passed_over(selected: Path, shown: Path) -> None:
 
 
 def has_tables(run: Path) -> bool:
-    return interpret.table_path(run, "valid").exists()
+    return RunDir(run).table("valid").exists()
 
 
 def refuse_outside_roots(run: Path, what: str) -> None:

@@ -14,14 +14,21 @@ import torch
 
 from core import runs
 from core.config import HEADS, OPTIMIZERS, SCHEDULES, DataConfig, ModelConfig, TrainConfig
-from core.data import MIN_BATCHES_PER_EPOCH, DataFacts, data_facts, suggested_batch_size, suggested_size
+from core.data import (
+    MIN_BATCHES_PER_EPOCH,
+    DataFacts,
+    data_facts,
+    listing_signature,
+    suggested_batch_size,
+    suggested_size,
+)
 from core.env import runs_dir
 from core.feedback import feedback_counts, feedback_dataset
 from core.images import DataError
 from core.model import ARCHS, pretrained_available
 from core.rundir import RunDir
 from core.runlog import read_config
-from ui.data_view import listing_signature, open_dataset
+from ui.data_view import open_dataset
 from ui.state import allowed, set_run
 from ui.train_run import is_sweep, safe_status
 from ui.train_weights import arch_changed, match_schedule_to_weights, weights_file, weights_hint, weights_line
