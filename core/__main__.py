@@ -184,8 +184,8 @@ def cmd_interpret(a: argparse.Namespace) -> int:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
+    from core.bundle import load_bundle, predict
     from core.images import open_image
-    from core.model import load_bundle, predict
 
     bundle = load_bundle(a.model)
     status = 0
@@ -213,7 +213,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m core", description="Loupe: image classifiers the fast.ai way.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train a model and leave a complete run directory")
+    train = sub.add_parser(TRAIN, help="train a model and leave a complete run directory")
     _data_and_model_args(train)
     train.add_argument("--resume", action="store_true", help="continue a stopped or crashed run from its checkpoint")
     train.add_argument("--gpus", type=int, default=1,
@@ -223,7 +223,7 @@ def parser() -> argparse.ArgumentParser:
                        help="write the run directory and its config.json, print its path, train nothing")
     train.set_defaults(func=cmd_train)
 
-    lrf = sub.add_parser("lr-find", help="sweep learning rates and print suggestions")
+    lrf = sub.add_parser(LR_FIND, help="sweep learning rates and print suggestions")
     _data_and_model_args(lrf)
     lrf.add_argument("--num-it", type=int, default=None,
                      help="steps of the sweep (default: sized to the data, 40 to 100; it stops once the loss diverges)")

@@ -29,7 +29,7 @@ def launch_lr_find(cfg: TrainConfig, facts: DataFacts | None = None) -> Path | N
     The sweep gets the steps the page's estimate counted (without facts the run sizes it to the data itself)."""
     steps = ["--num-it", str(_sweep_steps(cfg, facts))] if facts else []
     try:
-        run_dir = runs.create(cfg.to_dict(), root=runs_dir(), name_hint="lr-find", task=LR_FIND)
+        run_dir = runs.create(cfg.to_dict(), root=runs_dir(), name_hint=LR_FIND, task=LR_FIND)
         runs.start(run_dir, extra_args=steps)
     except (OSError, ValueError) as exc:
         st.error(f"Could not start the learning-rate finder: {exc}")
