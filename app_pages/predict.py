@@ -3,9 +3,10 @@
 
 import streamlit as st
 
+from core.bundle import BundleError
+from core.csvfile import predictions_csv
 from core.env import runs_dir
 from core.feedback import MAX_UPLOAD_BYTES, MAX_UPLOAD_MB, digest_of, feedback_counts, feedback_dir
-from core.model import BundleError
 from core.runlist import list_runs
 from ui.cache import run_bundle, split_line
 from ui.predict_view import (
@@ -14,7 +15,6 @@ from ui.predict_view import (
     follow_current_run,
     model_label,
     pick_model,
-    results_csv,
     results_table,
     show_one,
 )
@@ -95,7 +95,8 @@ elif results:
                 help="of the most probable class" if multi else None),
         },
     )
-    st.download_button("Download CSV", results_csv(meta, results, table), file_name=f"predictions-{run_id}.csv",
+    csv = predictions_csv(meta.vocab, [r["probs"] for r in results], table)
+    st.download_button("Download CSV", csv, file_name=f"predictions-{run_id}.csv",
                        mime="text/csv", key="predict_csv", icon=":material/download:", on_click="ignore")
     st.divider()
     pick = st.selectbox(

@@ -53,10 +53,11 @@ def run_loupe(a: argparse.Namespace) -> dict:
     from PIL import Image
 
     from core import interpret
+    from core.bundle import load_bundle, predict
     from core.data import DataConfig
     from core.job import split_table
     from core.lrfind import lr_find
-    from core.model import ModelConfig, load_bundle, predict
+    from core.model import ModelConfig
     from core.train import Learner, TrainConfig, get_preds
 
     cfg = TrainConfig(

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from core import distributed, interpret, runs
+from core.bundle import load_bundle
 from core.data import (
     DataLoaders,
     DataSource,
@@ -35,7 +36,6 @@ from core.env import MIN_FREE_MB_ENV, min_free_mb, resolve_device
 from core.fileio import atomic_write_json, parse_jsonl, read_json
 from core.images import DataError
 from core.lrfind import LRFindResult, estimate_seconds, lr_find, measured_speed, sweep_steps
-from core.model import load_bundle
 
 # has_checkpoint, checkpoint_bytes and remove_checkpoints live with the run's paths; re-exported here
 from core.rundir import (  # noqa: F401

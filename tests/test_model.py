@@ -16,12 +16,10 @@ import torch
 from PIL import Image
 from torchvision.models import get_model, get_model_weights
 
+from core.bundle import Bundle, BundleError, BundleMeta, load_bundle, predict, predict_probs, preprocess, save_bundle
 from core.model import (
     ARCHS,
     NORM_TYPES,
-    Bundle,
-    BundleError,
-    BundleMeta,
     ModelConfig,
     UnsafeWeightsError,
     WeightsUnavailableError,
@@ -29,15 +27,10 @@ from core.model import (
     freeze,
     install_pretrained,
     is_frozen,
-    load_bundle,
     lrs_for_groups,
     param_groups,
-    predict,
-    predict_probs,
-    preprocess,
     pretrained_available,
     pretrained_cache_path,
-    save_bundle,
     unfreeze,
 )
 

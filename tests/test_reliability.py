@@ -24,6 +24,7 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from core import interpret, runs
+from core.bundle import BundleMeta
 from core.clean import Change, apply_changes
 from core.csvfile import FORMULA_STARTS, csv_for_people
 from core.data import DataConfig, detect_layout, list_images, load_source, make_dataloaders, path_text, prepare
@@ -31,7 +32,7 @@ from core.demo import DemoSpec, make_demo_dataset
 from core.fileio import atomic_write, atomic_write_json, read_json
 from core.images import HEIF_REASON, DataError, check_image, open_image, verify_images
 from core.job import DATASET_RECORD
-from core.model import BundleMeta, ModelConfig
+from core.model import ModelConfig
 from core.runlist import list_runs
 from core.thumbs import thumbnail
 from core.train import CHECKPOINT, Learner, TrainConfig, load_checkpoint, setup_training
@@ -606,19 +607,19 @@ def test_csv_cells_a_spreadsheet_would_run_are_escaped():
 
 
 def test_predict_and_cleaner_csvs_escape_formulas_and_streamlit_table_export_is_off():
-    from ui.clean_view import log_frame
-    from ui.predict_view import results_csv
+    from core.csvfile import clean_log_table, predictions_csv
 
     meta = BundleMeta(arch="resnet18", vocab=["=HYPERLINK(\"http://evil.example\")", "cat"], size=32)
     results = [{"name": "=cmd|' -c calc'!A0.png", "probs": [0.9, 0.1]}]
     table = pd.DataFrame({"file": [r["name"] for r in results], "prediction": [meta.vocab[0]], "probability": [0.9]})
-    back = pd.read_csv(io.BytesIO(results_csv(meta, results, table)), dtype=str, keep_default_na=False)
+    csv = predictions_csv(meta.vocab, [r["probs"] for r in results], table)
+    back = pd.read_csv(io.BytesIO(csv), dtype=str, keep_default_na=False)
     assert back["file"][0] == "'=cmd|' -c calc'!A0.png" and back["prediction"][0] == "'" + meta.vocab[0]
     assert not any(cell.startswith(FORMULA_STARTS) for cell in [*back.columns, *back.to_numpy().ravel()])
 
     log = [{"time": 0.0, "batch": "b", "action": "relabel", "source": "=x/1.png", "target": "@y/1.png",
             "new_label": "-y", "size": 3, "sha256": "ab"}]
-    text = csv_for_people(log_frame(log)).decode()
+    text = csv_for_people(clean_log_table(log)).decode()
     assert ",'=x/1.png,'@y/1.png,'-y,3," in text
 
     config = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())

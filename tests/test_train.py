@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from core import interpret, runs
+from core.bundle import load_bundle
 from core.data import DataConfig
 from core.demo import DemoSpec, make_demo_dataset, mislabelled_files
 from core.job import DATASET_RECORD, interpret_run, run_training
 from core.lrfind import lr_find, minimum, slide, steep, suggest, valley
-from core.model import ModelConfig, load_bundle
+from core.model import ModelConfig
 from core.train import (
     BUNDLE,
     CHECKPOINT,
@@ -166,8 +167,8 @@ def test_mislabelled_files_rank_near_the_top(finished_run, shapes):
 
 
 def test_exported_bundle_predicts_like_the_interpretation_table(finished_run):
+    from core.bundle import predict_probs
     from core.images import open_image
-    from core.model import predict_probs
 
     table = interpret.load_table(interpret.table_path(finished_run, "valid"))
     bundle = load_bundle(finished_run / BUNDLE, device="cpu")

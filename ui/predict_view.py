@@ -8,9 +8,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.csvfile import csv_for_people
+from core.bundle import BundleMeta, predict_probs
 from core.feedback import BadUpload, preview_jpeg, read_image, save_feedback
-from core.model import BundleMeta, predict_probs
 from core.runlist import RunInfo
 from ui.cache import run_bundle
 from ui.gallery import passed_over
@@ -142,11 +141,3 @@ def results_table(meta: BundleMeta, results: list[dict], top_k: int) -> pd.DataF
             f"top {top_k}": " · ".join(f"{lbl} {p:.0%}" for lbl, p in ranked(meta, r)[:top_k]),
         })
     return pd.DataFrame(rows)
-
-
-def results_csv(meta: BundleMeta, results: list[dict], table: pd.DataFrame) -> bytes:
-    """file, prediction, probability, then every class's probability: what a spreadsheet needs."""
-    csv = table[["file", "prediction", "probability"]].copy()
-    for i, cls in enumerate(meta.vocab):
-        csv[f"prob_{cls}"] = [r["probs"][i] for r in results]
-    return csv_for_people(csv, float_format="%.6f")  # file and class names may start with "=": never a formula
