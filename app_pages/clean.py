@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from core import clean, cleanlog, cleanrun, interpret, runs
-from core.csvfile import csv_for_people
+from core.csvfile import clean_log_table, csv_for_people
 from core.data import LAYOUT_NAMES
 from core.env import check_data_path
 from core.fileio import read_json
@@ -26,7 +26,6 @@ from ui.clean_view import (
     apply_marks,
     clear_marks,
     current_counts,
-    log_frame,
     mark_label,
     set_mark,
     to_change,
@@ -142,7 +141,7 @@ else:
 log = cleanrun.log_table(datasets)
 with st.expander(f"Change log ({len(log)} entries)"):
     if log:
-        frame = log_frame(log)
+        frame = clean_log_table(log)
         st.dataframe(frame, hide_index=True)
         st.download_button("Download the log (CSV)", csv_for_people(frame), file_name=f"clean-log-{run.name}.csv",
                            mime="text/csv", key="clean_log_csv", icon=":material/download:", on_click="ignore")

@@ -8,6 +8,9 @@ injection: the spreadsheet shows the text as it is and runs nothing. Numbers are
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from datetime import datetime
+
 import pandas as pd
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
@@ -28,3 +31,19 @@ def csv_for_people(table: pd.DataFrame, float_format: str | None = None) -> byte
             safe[column] = safe[column].map(spreadsheet_safe)
     # CRLF line ends (RFC 4180, what spreadsheets expect) also make the writer quote a cell holding a lone \r.
     return safe.to_csv(index=False, float_format=float_format, lineterminator="\r\n").encode("utf-8")
+
+
+def predictions_csv(vocab: Sequence[str], probs: Sequence[Sequence[float]], table: pd.DataFrame) -> bytes:
+    """Predict's CSV: file, prediction, probability (from the page's `table`), then each class's probability."""
+    csv = table[["file", "prediction", "probability"]].copy()
+    for i, cls in enumerate(vocab):
+        csv[f"prob_{cls}"] = [p[i] for p in probs]
+    return csv_for_people(csv, float_format="%.6f")  # file and class names may start with "=": never a formula
+
+
+def clean_log_table(log: list[dict]) -> pd.DataFrame:
+    """The cleaner's change log (core.cleanrun.log_table) as the Clean page shows it and offers it as a CSV."""
+    frame = pd.DataFrame(log)
+    frame["time"] = [datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") for t in frame["time"]]
+    cols = [c for c in ("time", "batch", "action", "source", "target", "new_label", "size", "sha256") if c in frame]
+    return frame[cols]

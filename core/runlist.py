@@ -71,12 +71,6 @@ def training_runs(root: PathArg | None = None) -> list[RunInfo]:
     return [info for info in list_runs(root) if not info.is_lr_find]
 
 
-def read_config(run_dir: PathArg) -> TrainConfig | None:
-    """A run's config.json as a TrainConfig, None when it is missing or odd (the listing says why)."""
-    config, problem = _read_config(Path(run_dir))
-    return None if problem else config
-
-
 def _read_config(run_dir: Path) -> tuple[TrainConfig | None, str | None]:
     try:
         data = read_json(run_dir / CONFIG_FILE)

@@ -3,7 +3,8 @@
 `EventWriter` appends one JSON object per line; `read_events` reads complete lines from a byte offset;
 `RunTail` follows one run's log from where it last stopped (the Train page's live view keeps one per run,
 shared by every browser tab watching it) and keeps a bounded, decimated history, so memory stays flat however
-long the run; `RunView` is its snapshot, with progress and ETA. Imports neither torch nor streamlit.
+long the run; `RunView` is its snapshot, with progress and ETA. Also what else a live run has to show: the
+hardest training images of its latest epoch and the end of its log. Imports neither torch nor streamlit.
 """
 
 from __future__ import annotations
@@ -169,6 +170,7 @@ def last_event(run_dir: PathArg, kind: str, window: int = 64 * 1024, cap: int = 
             if begin == 0 or window >= cap:
                 return None
             window *= 4
+
 
 # ---------------------------------------------------------------- following a run live
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import Counter
-from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
@@ -17,14 +16,6 @@ MARKS_KEY = "clean_marks"  # {file path: "delete" | "relabel:<class>"}: kept acr
 MARK_WIDGET = "clean_mark:"  # + file path: the key of each image's selectbox
 RESULT_KEY = "clean_result"  # the last apply/undo outcome, shown until the next one
 KEEP, DELETE, RELABEL = "keep", "delete", "relabel:"
-
-
-def log_frame(log: list[dict]) -> pd.DataFrame:
-    """The change log (core.cleanrun.log_table) as the table the page shows and offers as a CSV, newest first."""
-    frame = pd.DataFrame(log)
-    frame["time"] = [datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") for t in frame["time"]]
-    cols = [c for c in ("time", "batch", "action", "source", "target", "new_label", "size", "sha256") if c in frame]
-    return frame[cols]
 
 
 def mark_label(option: str) -> str:
