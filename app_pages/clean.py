@@ -9,9 +9,9 @@ import streamlit as st
 
 from core import clean, cleanlog, cleanrun, interpret, runs
 from core.csvfile import clean_log_table, csv_for_people
-from core.data import LAYOUT_NAMES
 from core.env import check_data_path
 from core.fileio import read_json
+from core.layouts import LAYOUT_NAMES
 from core.rundir import RunDir
 from ui.cache import run_table
 from ui.clean_view import (

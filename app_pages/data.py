@@ -4,7 +4,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from core.data import LAYOUT_NAMES, DataError
+from core.images import DataError
+from core.layouts import LAYOUT_NAMES
 from ui import data_view
 from ui.state import current_dataset
 

@@ -57,7 +57,7 @@ def make_shapes(root: Path, n_per_class: int, seed: int) -> Path:
 
 
 def _class_files(src: Path) -> dict[str, list[Path]]:
-    from core.data import is_image_file
+    from core.listing import is_image_file
 
     classes = sorted(d for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
     return {d.name: sorted(f for f in d.rglob("*") if is_image_file(f)) for d in classes}

@@ -22,7 +22,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from core.data import DataConfig, list_images, load_source  # noqa: E402
+from core.data import DataConfig  # noqa: E402
+from core.layouts import load_source  # noqa: E402
+from core.listing import list_images  # noqa: E402
 
 
 def make_files(root: Path, n: int, classes: int, per_folder: int) -> None:

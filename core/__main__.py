@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 from core import runs
-from core.data import LAYOUTS, DataConfig, DataError, detect_layout
+from core.data import LAYOUTS, DataConfig
+from core.images import DataError
+from core.layouts import detect_layout
 from core.model import ARCHS, ModelConfig
 from core.rundir import LR_FIND, TRAIN, RunDir
 from core.train import SCHEDULES, TrainConfig

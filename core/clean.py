@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.cleanlog import ACTIONS, DELETE, RELABEL, UNDO, UNDO_SKIPPED, last_undoable, locked, log_move, read_log
-from core.data import LAYOUT_NAMES
+from core.layouts import LAYOUT_NAMES
 from core.stamps import stamped_id
 
 TRASH_DIR = ".trash"
@@ -272,13 +272,14 @@ def apply_changes(
 ) -> CleanResult:
     """Carry out `changes` as one batch: deletes to the trash, relabels to their class folder, each logged.
 
-    `layout` is the dataset's (as `core.data.detect_layout` names it); None detects it. Changes that cannot
+    `layout` is the dataset's (as `core.layouts.detect_layout` names it); None detects it. Changes that cannot
     be done are skipped with their reasons and the rest still happen. A dry run returns what would happen
     and writes nothing at all (not even the log). Files are moved, never copied over or removed.
     """
     root = Path(os.path.realpath(dataset_root))
     if layout is None:
-        from core.data import DataConfig, detect_layout
+        from core.data import DataConfig
+        from core.layouts import detect_layout
 
         layout = detect_layout(DataConfig(path=str(root)))
     batch = batch_id or stamped_id()

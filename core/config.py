@@ -198,7 +198,7 @@ class TrainConfig:
 
     def summary(self, split: str | None = None) -> str:
         """The one line every page shows about a run's settings: model, schedule, data, and `split` (the split it
-        used, from its dataset record: core.data.describe_split) once it is known."""
+        used, from its dataset record: core.split.describe_split) once it is known."""
         epochs = f"{self.freeze_epochs}+{self.epochs}" if self.schedule == "fine_tune" else str(self.epochs)
         weights = "pretrained" if self.model.pretrained else "from scratch"
         if self.model.weights_path:

@@ -24,10 +24,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from core.data import DEFAULT_MAX_PIXELS, list_images
 from core.env import workspace_dir
 from core.fileio import append_jsonl, atomic_write_bytes, read_jsonl
-from core.images import HEIF_REASON, is_heif_header, jpeg_bytes, upright_rgb
+from core.images import DEFAULT_MAX_PIXELS, HEIF_REASON, is_heif_header, jpeg_bytes, upright_rgb
+from core.listing import list_images
 
 FEEDBACK_DIR = "feedback"
 LOG_FILE = ".feedback_log.jsonl"

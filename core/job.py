@@ -22,19 +22,12 @@ from torch.utils.data import DataLoader
 
 from core import distributed, interpret, runs
 from core.bundle import load_bundle
-from core.data import (
-    DataLoaders,
-    DataSource,
-    ShardSampler,
-    Split,
-    make_loader,
-    path_text,
-    source_from_record,
-    source_record,
-)
+from core.data import DataLoaders, ShardSampler, make_loader
 from core.env import MIN_FREE_MB_ENV, min_free_mb, resolve_device
 from core.fileio import atomic_write_json, parse_jsonl, read_json
 from core.images import DataError
+from core.layouts import DataSource
+from core.listing import path_text
 from core.lrfind import LRFindResult, estimate_seconds, lr_find, measured_speed, sweep_steps
 
 # has_checkpoint, checkpoint_bytes and remove_checkpoints live with the run's paths; re-exported here
@@ -47,6 +40,7 @@ from core.rundir import (  # noqa: F401
     remove_checkpoints,
 )
 from core.runlist import list_runs
+from core.split import Split, source_from_record, source_record
 from core.stamps import fmt_duration
 from core.step import OnDevice, get_preds, make_loss
 from core.train import (

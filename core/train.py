@@ -23,9 +23,10 @@ from torch import nn
 from core import distributed, interpret, runs
 from core.bundle import BundleMeta, load_bundle, save_bundle
 from core.config import OPTIMIZERS, SCHEDULES, TrainConfig  # noqa: F401 (torch-free there; re-exported here)
-from core.data import DataLoaders, make_dataloaders, path_text
+from core.data import DataLoaders, make_dataloaders
 from core.env import resolve_device, seed_everything
 from core.fileio import atomic_write
+from core.listing import path_text
 from core.model import build_model, freeze, param_groups, unfreeze
 from core.rundir import BEST_WEIGHTS_FILE, BUNDLE_FILE, CHECKPOINT_FILE, RunDir
 from core.schedule import Phase, apply_rates, lr_at, momentum_of, peak_lrs, plan

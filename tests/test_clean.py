@@ -13,7 +13,8 @@ import pytest
 from core import clean, cleanlog
 from core.clean import Change, apply_changes, plan_changes, undo_last
 from core.cleanlog import read_log
-from core.data import DataConfig, load_source
+from core.data import DataConfig
+from core.layouts import load_source
 
 
 def hashes(root: Path) -> dict[str, str]:

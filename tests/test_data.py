@@ -15,20 +15,12 @@ import torch
 from PIL import Image
 
 from core.augment import presize_side
-from core.data import (
-    DataConfig,
-    DataError,
-    DataSource,
-    Split,
-    detect_layout,
-    list_images,
-    load_source,
-    make_dataloaders,
-    prepare,
-    split_items,
-)
+from core.data import DataConfig, make_dataloaders, prepare
 from core.demo import SHAPE_COLOURS, DemoSpec, make_demo_dataset, mislabelled_files
-from core.images import check_image, open_image, verify_images
+from core.images import DataError, check_image, open_image, verify_images
+from core.layouts import DataSource, detect_layout, load_source
+from core.listing import list_images
+from core.split import Split, split_items
 
 BEARS = Path(__file__).resolve().parents[2] / "shared" / "data" / "bears"
 
@@ -543,7 +535,8 @@ def test_real_bear_photos():
 
 
 def test_extra_training_folders_join_the_train_side_only(demo_dataset, tmp_path, write_image):
-    from core.data import prepare, source_from_record, source_record
+    from core.data import prepare
+    from core.split import source_from_record, source_record
 
     feedback = tmp_path / "feedback"
     for i in range(3):
@@ -559,7 +552,7 @@ def test_extra_training_folders_join_the_train_side_only(demo_dataset, tmp_path,
 
 
 def test_split_is_described_from_what_the_run_used_not_from_the_config(tmp_path, write_image):
-    from core.data import describe_split, source_record
+    from core.split import describe_split, source_record
 
     def described(cfg: DataConfig) -> str:
         source, _, split = prepare(cfg)
@@ -617,7 +610,7 @@ def test_defaults_fitted_to_a_dataset(tmp_path, write_image):
 
 
 def test_split_fixed_by_names_what_fixes_the_split(tmp_path, write_image):
-    from core.data import split_fixed_by
+    from core.layouts import split_fixed_by
 
     _class_folders(tmp_path / "loose", {"a": 2, "b": 2}, write_image)
     assert split_fixed_by(DataConfig(path=str(tmp_path / "loose"))) is None
@@ -634,7 +627,7 @@ def test_split_fixed_by_names_what_fixes_the_split(tmp_path, write_image):
 
 
 def test_listing_signature_changes_with_the_listing_and_only_then(tmp_path, write_image):
-    from core.data import listing_signature
+    from core.listing import listing_signature
 
     root = _class_folders(tmp_path / "set", {"cat": 2, "dog": 2}, write_image)
     (root / "labels.csv").write_text("a,b\n")
@@ -649,7 +642,8 @@ def test_listing_signature_changes_with_the_listing_and_only_then(tmp_path, writ
 
 
 def test_split_counts_counts_each_class_per_side(tmp_path, write_image):
-    from core.data import DataConfig, prepare, split_counts
+    from core.data import DataConfig, prepare
+    from core.split import split_counts
 
     root = _class_folders(tmp_path / "set", {"cat": 5, "dog": 5}, write_image)
     source, _, split = prepare(DataConfig(path=str(root), valid_pct=0.2))

@@ -16,11 +16,12 @@ import torch
 
 from core import runs
 from core.bundle import load_bundle
-from core.data import DataConfig, DataLoaders, EpochSampler, ShardSampler, make_loader, shard, source_from_record
+from core.data import DataConfig, DataLoaders, EpochSampler, ShardSampler, make_loader, shard
 from core.demo import DemoSpec, make_demo_dataset
 from core.fileio import read_json
 from core.job import DATASET_RECORD
 from core.model import ModelConfig
+from core.split import source_from_record
 from core.train import BUNDLE, CHECKPOINT, Learner, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from core import feedback
-from core.data import DataConfig, load_source
+from core.data import DataConfig
 from core.feedback import BadUpload, read_image, save_feedback
+from core.layouts import load_source
 
 
 def image_bytes(fmt: str = "PNG", colour=(200, 30, 30), size=(24, 16), mode: str = "RGB", **save) -> bytes:

@@ -15,10 +15,11 @@ from conftest import open_app_page
 from streamlit.testing.v1 import AppTest
 
 from core import job, runs
-from core.data import DataConfig, prepare, source_record
+from core.data import DataConfig, prepare
 from core.demo import DemoSpec, make_demo_dataset
 from core.fileio import atomic_write_json
 from core.model import ModelConfig
+from core.split import source_record
 from core.train import CHECKPOINT, TrainConfig
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")

@@ -27,11 +27,13 @@ from core import interpret, runs
 from core.bundle import BundleMeta
 from core.clean import Change, apply_changes
 from core.csvfile import FORMULA_STARTS, csv_for_people
-from core.data import DataConfig, detect_layout, list_images, load_source, make_dataloaders, path_text, prepare
+from core.data import DataConfig, make_dataloaders, prepare
 from core.demo import DemoSpec, make_demo_dataset
 from core.fileio import atomic_write, atomic_write_json, read_json
 from core.images import HEIF_REASON, DataError, check_image, open_image, verify_images
 from core.job import DATASET_RECORD
+from core.layouts import detect_layout, load_source
+from core.listing import list_images, path_text
 from core.model import ModelConfig
 from core.runlist import list_runs
 from core.thumbs import thumbnail

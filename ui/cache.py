@@ -76,7 +76,7 @@ def thumb(path: str | Path, size: int = 192) -> bytes | None:
 @st.cache_data(max_entries=256, show_spinner=False)
 def _split_line(record: str, mtime: float, _config: TrainConfig) -> str:
     # keyed by the record's path and version only: a run's config never changes
-    from core.data import describe_split  # see _bundle: core.data imports torch
+    from core.split import describe_split  # see _bundle: core.split imports torch (through core.layouts)
 
     return describe_split(read_json(record), _config.data)
 

@@ -20,12 +20,15 @@ import streamlit as st
 import torch
 from PIL import Image
 
-from core import data
+from core import data, layouts, listing
 from core.augment import BatchAugment, presize, presize_side, resize_batch
-from core.data import DataConfig, DataSource, Split, path_text
+from core.data import DataConfig
 from core.demo import DemoSpec, make_demo_dataset
 from core.env import check_data_path, workspace_dir
-from core.images import BadImage, open_image
+from core.images import BadImage, DataError, open_image
+from core.layouts import DataSource
+from core.listing import path_text
+from core.split import SIDES, Split, split_counts
 from core.uploads import UploadError, extract_zip, remove_abandoned
 from ui import gallery
 from ui.state import demo_path, recent_datasets, set_dataset
@@ -83,9 +86,9 @@ def folder_problem(folder: str | Path) -> str | None:
             return f"`{path}` is empty. Put the images in it, one subfolder per class."
     except OSError as e:
         return f"Loupe cannot read `{path}`: {e.strerror or e}."
-    if data.list_images(path):  # the loader's own listing, so "has images" means the same thing to both
+    if listing.list_images(path):  # the loader's own listing, so "has images" means the same thing to both
         return None
-    kinds = ", ".join(sorted(data.IMAGE_EXTENSIONS))
+    kinds = ", ".join(sorted(listing.IMAGE_EXTENSIONS))
     return f"No images in `{path}` (looked for {kinds} in it and its subfolders)."
 
 
@@ -201,8 +204,8 @@ def render_options(dataset: str) -> DataConfig:
     saved = data_options()
     root = Path(dataset)
     try:
-        detected = data.detect_layout(DataConfig(path=dataset))
-    except data.DataError:
+        detected = layouts.detect_layout(DataConfig(path=dataset))
+    except DataError:
         detected = None
     layout_now = saved.get("layout", "auto")
     with st.expander("Labels and split", icon=":material/tune:", key="data_options_box"):
@@ -211,9 +214,9 @@ def render_options(dataset: str) -> DataConfig:
             data.LAYOUTS,
             index=data.LAYOUTS.index(layout_now),
             key="data_layout",
-            format_func=lambda v: f"Detect: {data.LAYOUT_NAMES.get(detected, 'nothing found')}"
+            format_func=lambda v: f"Detect: {layouts.LAYOUT_NAMES.get(detected, 'nothing found')}"
             if v == "auto"
-            else data.LAYOUT_NAMES[v].capitalize(),
+            else layouts.LAYOUT_NAMES[v].capitalize(),
         )
         effective = detected if layout == "auto" else layout
         options = {"layout": layout}
@@ -234,7 +237,7 @@ def render_options(dataset: str) -> DataConfig:
             options["csv_file"] = st.selectbox(
                 "Labels CSV", csvs, index=csvs.index(current) if current in csvs else 0, key="data_csv_file"
             )
-        fixed_by = data.split_fixed_by(DataConfig(path=dataset, **options))
+        fixed_by = layouts.split_fixed_by(DataConfig(path=dataset, **options))
         fixed = fixed_by is not None
         unused = f"Not used: {fixed_by}." if fixed else ""
         if fixed:
@@ -296,7 +299,7 @@ def _prepare(config_json: str, signature: tuple[int, int]) -> tuple[DataSource, 
 
 def prepare(cfg: DataConfig) -> tuple[DataSource, list[BadImage], Split]:
     """core.data.prepare, computed once per folder state and options."""
-    return _prepare(json.dumps(asdict(cfg), sort_keys=True), data.listing_signature(cfg.path))
+    return _prepare(json.dumps(asdict(cfg), sort_keys=True), listing.listing_signature(cfg.path))
 
 
 # ---------------------------------------------------------------- summary and warnings
@@ -360,7 +363,7 @@ def render_warnings(source: DataSource, bad: list[BadImage], split: Split) -> No
 
 
 def counts_figure(source: DataSource, split: Split):
-    table = data.split_counts(source, split)
+    table = split_counts(source, split)
     many = len(source.vocab) > 15
     axis = {"x": "images", "y": "class", "orientation": "h"} if many else {"x": "class", "y": "images"}
     fig = px.bar(
@@ -468,7 +471,7 @@ def render_gallery(source: DataSource, split: Split) -> None:
     vocab = source.vocab
     counts = source.class_counts()
     sides = split.sides(len(source))
-    present = [s for s in data.SIDES if (sides == s).any()]
+    present = [s for s in SIDES if (sides == s).any()]
     with st.container(horizontal=True, gap="medium", vertical_alignment="bottom"):
         label = lambda c: f"{c} ({counts[c]})"
         if len(vocab) <= 6:
@@ -521,7 +524,7 @@ def render_problems(source: DataSource, bad: list[BadImage]) -> None:
     st.dataframe(table, hide_index=True, key="data_problems", height=min(400, 38 + 35 * len(table)))
     if source.unlisted:
         st.caption(f"… and {source.unlisted:,} more rows of the CSV name files that are not in the folder "
-                   f"(only the first {data.MAX_LISTED:,} are listed).")
+                   f"(only the first {layouts.MAX_LISTED:,} are listed).")
 
 
 def _jpeg(pixels: torch.Tensor) -> bytes:

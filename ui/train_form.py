@@ -14,17 +14,11 @@ import torch
 
 from core import runs
 from core.config import HEADS, OPTIMIZERS, SCHEDULES, DataConfig, ModelConfig, TrainConfig
-from core.data import (
-    MIN_BATCHES_PER_EPOCH,
-    DataFacts,
-    data_facts,
-    listing_signature,
-    suggested_batch_size,
-    suggested_size,
-)
+from core.data import MIN_BATCHES_PER_EPOCH, DataFacts, data_facts, suggested_batch_size, suggested_size
 from core.env import runs_dir
 from core.feedback import feedback_counts, feedback_dataset
 from core.images import DataError
+from core.listing import listing_signature
 from core.model import ARCHS, pretrained_available
 from core.rundir import RunDir
 from core.runlog import read_config
