@@ -58,7 +58,8 @@ def run_loupe(a: argparse.Namespace) -> dict:
     from core.job import split_table
     from core.lrfind import lr_find
     from core.model import ModelConfig
-    from core.train import Learner, TrainConfig, get_preds
+    from core.step import get_preds
+    from core.train import Learner, TrainConfig, setup_training
 
     cfg = TrainConfig(
         data=DataConfig(path=a.data, size=a.size, batch_size=a.bs, seed=a.seed, num_workers=a.workers),
@@ -75,19 +76,20 @@ def run_loupe(a: argparse.Namespace) -> dict:
                 batch_times.append([])
             batch_times[-1].append(time.perf_counter())
 
-    learner = Learner(cfg, on_event=on_event)
+    learner = Learner(cfg, setup_training(cfg), on_event=on_event)
     history = learner.fit()
     ips, per_epoch = _throughput(batch_times, a.bs)
 
     start = time.perf_counter()
-    lr_find(Learner(cfg), num_it=100)
+    lr_find(Learner(cfg, setup_training(cfg)), num_it=100)
     lr_find_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    get_preds(learner, learner.dls.valid)
+    get_preds(learner.model, learner.dls.valid, learner.on_device, learner.loss_fn)
     one_pass_s = time.perf_counter() - start
     start = time.perf_counter()
-    interpret.top_losses(split_table(learner, learner.dls, "valid"), 9)
+    dls = learner.dls
+    interpret.top_losses(split_table(learner.model, dls.source, dls.split, "valid", cfg, learner.on_device, dls.valid), 9)
     interpret_s = time.perf_counter() - start
 
     bundle_path = learner.export(Path(os.environ["LOUPE_HOME"]) / "model.safetensors")

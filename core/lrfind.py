@@ -21,9 +21,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from torchvision.models import get_model_weights
 
 from core.model import freeze, param_groups, unfreeze
-from core.train import Learner, SmoothedLoss, make_optimizer, per_item
+from core.schedule import apply_rates, sweep_lr
+from core.step import SmoothedLoss, TrainStep, make_optimizer
+from core.train import Learner
 
 SUGGESTIONS = ("valley", "steep", "minimum", "slide")
 MIN_SWEEP_STEPS = 40  # five points per decade from 1e-7 to 10: the fewest that still show the curve's shape
@@ -31,7 +34,7 @@ STEPS_PER_BATCH = 4  # a sweep of at most this many passes over the training dat
 DIVERGENCE = 4.0  # fastai's stop: the loss past four times its lowest value
 WARM_UP = 5  # the first 1/WARM_UP of a sweep is noise, never a suggestion
 MIN_USEFUL_LR = 1e-5  # below this a few epochs barely move the weights: never a suggestion
-MIN_DROP = 0.1  # a sweep whose loss falls by less than this share of its start level found nothing to suggest
+MIN_DROP = 0.1  # a sweep whose loss falls by less than this share of its peak found nothing to suggest
 
 
 @dataclass
@@ -169,8 +172,6 @@ def diverged(raw: Sequence[float], smoothed: Sequence[float], patience: int = 3)
 
 def forward_gflops(arch: str) -> float:
     """GFLOPs of one forward pass of `arch` on one 224-px image (torchvision's figure for its weights)."""
-    from torchvision.models import get_model_weights
-
     return float(get_model_weights(arch).DEFAULT.meta["_ops"])
 
 
@@ -241,26 +242,22 @@ def lr_find(
     """
     if frozen is None:
         frozen = sweep_frozen(learner.cfg.to_dict())
-    saved_model = copy.deepcopy(learner.model.state_dict())
-    saved_grad = {n: p.requires_grad for n, p in learner.model.named_parameters()}
-    (freeze if frozen else unfreeze)(learner.model)
-    groups = param_groups(learner.model, learner.cfg.model.arch)
+    model = learner.model
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    (freeze if frozen else unfreeze)(model)
+    groups = param_groups(model, learner.cfg.model.arch)
     opt = make_optimizer(learner.cfg, groups, [start_lr] * len(groups))
+    step = TrainStep(model, learner.loss_fn, learner.on_device)  # the training loop's step, gradient scaler included
     smooth = SmoothedLoss(beta=smoothing_beta(num_it))
     lrs, raw, losses = [], [], []
-    learner.model.train()
+    model.train()
     try:
         for i, (x, y, _) in zip(range(num_it), _batches(learner.dls.train)):
-            lr = start_lr * (end_lr / start_lr) ** (i / max(num_it - 1, 1))
-            for g in opt.param_groups:
-                g["lr"] = lr
-            x, y = learner.to_device(x, y, train=True)
-            with learner.autocast():
-                loss = per_item(learner.loss_fn(learner.model(x), y)).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            raw.append(loss.item())
+            lr = sweep_lr(i, num_it, start_lr, end_lr)
+            apply_rates(opt, [lr] * len(opt.param_groups))
+            raw.append(step.backward(x, y, opt).mean().item())
+            step.update(opt)
             lrs.append(lr)
             losses.append(smooth.update(raw[-1]))
             if on_step:
@@ -268,9 +265,9 @@ def lr_find(
             if diverged(raw, losses):
                 break
     finally:
-        learner.model.load_state_dict(saved_model)
-        for name, p in learner.model.named_parameters():
+        model.load_state_dict(saved_model)
+        for name, p in model.named_parameters():
             p.requires_grad_(saved_grad[name])
-        learner.model.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
     finite = [v if math.isfinite(v) else None for v in losses]  # JSON has no NaN
     return LRFindResult(lrs, finite, suggest(lrs, losses), planned=num_it)

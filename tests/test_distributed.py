@@ -16,13 +16,14 @@ import torch
 
 from core import runs
 from core.bundle import load_bundle
-from core.data import DataConfig, DataLoaders, EpochSampler, ShardSampler, make_loader, shard
+from core.data import DataConfig, EpochSampler, ShardSampler, make_loader, shard
 from core.demo import DemoSpec, make_demo_dataset
 from core.fileio import read_json
 from core.job import DATASET_RECORD
 from core.model import ModelConfig
 from core.split import source_from_record
-from core.train import BUNDLE, CHECKPOINT, Learner, TrainConfig
+from core.step import OnDevice, get_preds, make_loss
+from core.train import BUNDLE, CHECKPOINT, TrainConfig, valid_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 240
@@ -117,8 +118,9 @@ def test_validation_metrics_equal_one_process_evaluating_the_saved_model(ddp_run
     cfg = TrainConfig.from_dict(read_json(run_dir / runs.CONFIG_FILE))
     source, split = source_from_record(read_json(run_dir / DATASET_RECORD))
     valid = make_loader(source, split.valid, cfg.data, train=False)
-    dls = DataLoaders(make_loader(source, split.train[:0], cfg.data, train=False), valid, source, split, [])
-    row = Learner(cfg, dls=dls, model=load_bundle(run_dir / BUNDLE).model).validate()
+    on_device = OnDevice.for_config(cfg, torch.device("cpu"))
+    model = on_device.place(load_bundle(run_dir / BUNDLE, device="cpu").model)
+    row = valid_metrics(get_preds(model, valid, on_device, make_loss(cfg, source.multi_label)), source.multi_label, cfg)
     assert abs(row["valid_loss"] - last["valid_loss"]) < 1e-4
     assert abs(row["error_rate"] - last["error_rate"]) < 1e-4
 

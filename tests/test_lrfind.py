@@ -25,7 +25,8 @@ from core.lrfind import (
     suggest,
     sweep_steps,
 )
-from core.train import Learner, SmoothedLoss
+from core.step import SmoothedLoss
+from core.train import Learner, setup_training
 from tests.conftest import tiny_config
 
 
@@ -120,7 +121,8 @@ def test_estimate_comes_from_the_newest_timed_run_else_a_rough_guess(tmp_path: P
 
 
 def test_a_real_sweep_stops_when_the_loss_blows_up_and_records_its_plan(tmp_path: Path, demo_dataset: Path):
-    learner = Learner(tiny_config(demo_dataset, data={"size": 16}))
+    cfg = tiny_config(demo_dataset, data={"size": 16})
+    learner = Learner(cfg, setup_training(cfg))
     result = lr_find(learner, num_it=60, frozen=False)
     assert len(result.lrs) < 60 and result.lrs[-1] < 10  # stopped before the end of the range
     assert result.planned == 60

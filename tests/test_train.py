@@ -16,6 +16,8 @@ from core.demo import DemoSpec, make_demo_dataset, mislabelled_files
 from core.job import DATASET_RECORD, interpret_run, run_training
 from core.lrfind import lr_find, minimum, slide, steep, suggest, valley
 from core.model import ModelConfig
+from core.schedule import Phase, apply_rates, lr_at, plan
+from core.step import make_optimizer
 from core.train import (
     BUNDLE,
     CHECKPOINT,
@@ -23,9 +25,7 @@ from core.train import (
     StopRequested,
     TrainConfig,
     TrainingDiverged,
-    make_optimizer,
-    make_scheduler,
-    plan,
+    setup_training,
 )
 
 
@@ -36,6 +36,10 @@ def tiny_config(path: Path, **overrides) -> TrainConfig:
     model = ModelConfig(arch="resnet18", pretrained=False)
     defaults = {"schedule": "one_cycle", "epochs": 2, "lr": 5e-3}
     return TrainConfig(data=data, model=model, **{**defaults, **overrides})
+
+
+def make_learner(cfg: TrainConfig, **options) -> Learner:
+    return Learner(cfg, setup_training(cfg), **options)
 
 
 @pytest.fixture(scope="module")
@@ -76,23 +80,27 @@ def test_fine_tune_plan_is_fastais_recipe():
     assert unfrozen.lrs == pytest.approx([1e-5, 1e-4, 1e-3])
 
 
+def test_one_rate_trains_every_group_at_it_as_fastais_fit_one_cycle(shapes):
+    # fastai's fit_one_cycle(n, 3e-3) sets every group to 3e-3 (a body trained from scratch at a tenth of the
+    # rate underfits); only slice(lo, hi), lr_min here, spreads them
+    for schedule in ("one_cycle", "plateau"):
+        assert plan(TrainConfig(schedule=schedule, lr=3e-3))[0].lrs == pytest.approx([3e-3] * 3)
+        assert plan(TrainConfig(schedule=schedule, lr=3e-3, lr_min=3e-5))[0].lrs == pytest.approx([3e-5, 3e-4, 3e-3])
+    learner, phases = make_learner(tiny_config(shapes)), []
+    learner.run_phases = lambda planned, resume=None: phases.extend(planned)
+    learner.fit_one_cycle(1, 3e-3)
+    assert phases[0].lrs == pytest.approx([3e-3] * 3)
+
+
 def _annealing_cos(start: float, end: float, pct: float) -> float:
     return end + (start - end) / 2 * (1 + math.cos(math.pi * pct))
 
 
 def test_one_cycle_follows_the_documented_curve():
     """Rate: lr_max/25 up to lr_max over 25% of the steps, down to lr_max/1e5; beta1 mirrors it 0.95-0.85-0.95."""
-    cfg, total, lr_max = TrainConfig(), 100, 1e-2
+    total, lr_max = 100, 1e-2
     phase = plan(TrainConfig(schedule="one_cycle", epochs=1, lr=lr_max))[0]
-    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(3)]
-    opt = make_optimizer(cfg, [[p] for p in params], phase.lrs)
-    sched = make_scheduler(cfg, opt, phase, steps_per_epoch=total)
     warm_end = 0.25 * total - 1
-    seen = {}
-    for step in range(total):
-        seen[step] = (opt.param_groups[-1]["lr"], opt.param_groups[-1]["betas"][0])
-        opt.step()
-        sched.step()
     for step in (0, 10, 24, 50, 99):
         if step <= warm_end:
             pct = step / warm_end
@@ -100,10 +108,50 @@ def test_one_cycle_follows_the_documented_curve():
         else:
             pct = (step - warm_end) / (total - 1 - warm_end)
             lr, mom = _annealing_cos(lr_max, lr_max / 1e5, pct), _annealing_cos(0.85, 0.95, pct)
-        assert seen[step][0] == pytest.approx(lr, rel=1e-6), step
-        assert seen[step][1] == pytest.approx(mom, rel=1e-6), step
-    assert seen[0][0] == pytest.approx(lr_max / 25)
-    assert seen[99][0] == pytest.approx(lr_max / 1e5)
+        lrs, momentum = lr_at(phase, step, steps_per_epoch=total)
+        assert lrs[-1] == pytest.approx(lr, rel=1e-6), step
+        assert momentum == pytest.approx(mom, rel=1e-6), step
+    assert lr_at(phase, 0, total)[0][-1] == pytest.approx(lr_max / 25)
+    assert lr_at(phase, 99, total)[0][-1] == pytest.approx(lr_max / 1e5)
+
+
+def _optimizer(lrs: list[float]) -> torch.optim.Optimizer:
+    return make_optimizer(TrainConfig(), [[torch.nn.Parameter(torch.zeros(1))] for _ in lrs], lrs)
+
+
+@pytest.mark.parametrize("steps", [1, 4, 7, 40])
+@pytest.mark.parametrize("phase", [Phase(1, False, [1e-4, 1e-3, 1e-2]), Phase(1, True, [1e-3] * 3, pct_start=0.99),
+                                   Phase(1, False, [1e-5, 1e-4, 1e-3], pct_start=0.3, div=5.0)])
+def test_the_pure_one_cycle_is_pytorchs_onecyclelr_step_for_step(phase, steps):
+    """lr_at replaced PyTorch's OneCycleLR (fastai's settings): the same rate and momentum at every step,
+    including runs too short to warm up (PyTorch divides by zero there; the warm-up is skipped)."""
+    ours, theirs = _optimizer(phase.lrs), _optimizer(phase.lrs)
+    pct_start = phase.pct_start if phase.pct_start * steps > 1.0 else 0.5 / steps
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        theirs, max_lr=phase.lrs, total_steps=steps, pct_start=pct_start, div_factor=phase.div,
+        final_div_factor=phase.div_final / phase.div, base_momentum=0.85, max_momentum=0.95,
+    )
+    for t in range(steps):
+        apply_rates(ours, *lr_at(phase, t, steps))
+        for mine, torchs in zip(ours.param_groups, theirs.param_groups):
+            assert mine["lr"] == pytest.approx(torchs["lr"], rel=1e-12, abs=0), t
+            assert mine["betas"] == pytest.approx(torchs["betas"], rel=1e-12), t
+        theirs.step()
+        sched.step()
+
+
+def test_plateau_cuts_the_rate_as_pytorchs_reduce_on_plateau():
+    phase = plan(TrainConfig(schedule="plateau", lr=1e-3, plateau_patience=1, plateau_factor=0.2))[0]
+    valid_losses = [1.0, 0.9, 0.95, 0.91, 0.89999, 0.92, float("nan"), 0.5, 0.6, 0.7, 0.8]
+    opt = _optimizer(phase.lrs)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.2, patience=1)
+    for epoch in range(len(valid_losses) + 1):
+        lrs, momentum = lr_at(phase, epoch * 10, 10, valid_losses[:epoch])
+        assert momentum is None  # plateau leaves momentum to the optimizer
+        assert lrs == pytest.approx([g["lr"] for g in opt.param_groups], rel=1e-12), epoch
+        if epoch < len(valid_losses):
+            sched.step(valid_losses[epoch])
+    assert lrs[-1] < 1e-3 / 25  # it did cut, more than once
 
 
 # ---------------------------------------------------------------- training
@@ -180,7 +228,7 @@ def test_exported_bundle_predicts_like_the_interpretation_table(finished_run):
 
 def test_stop_then_resume_matches_an_uninterrupted_run(shapes, tmp_path):
     cfg = tiny_config(shapes, epochs=2)
-    whole = Learner(cfg)
+    whole = make_learner(cfg)
     whole.fit()
 
     calls = {"n": 0}
@@ -189,12 +237,12 @@ def test_stop_then_resume_matches_an_uninterrupted_run(shapes, tmp_path):
         calls["n"] += 1
         return calls["n"] == 7  # mid-way through the second epoch
 
-    first = Learner(cfg, run_dir=tmp_path, should_stop=stop_after_seven_batches)
+    first = make_learner(cfg, run_dir=tmp_path, should_stop=stop_after_seven_batches)
     with pytest.raises(StopRequested):
         first.fit()
     state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     assert (state["epoch"], state["batch"]) == (1, 1)
-    resumed = Learner(cfg, run_dir=tmp_path)
+    resumed = make_learner(cfg, run_dir=tmp_path)
     resumed.fit(state)
     assert [r["epoch"] for r in resumed.history] == [0, 1]
     for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
@@ -204,7 +252,7 @@ def test_stop_then_resume_matches_an_uninterrupted_run(shapes, tmp_path):
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(shapes, tmp_path):
     run_dir = runs.create(tiny_config(shapes, epochs=3, lr=1e-2).to_dict(), root=tmp_path)
-    learner = Learner(tiny_config(shapes, epochs=3, lr=1e-2), run_dir=run_dir)
+    learner = make_learner(tiny_config(shapes, epochs=3, lr=1e-2), run_dir=run_dir)
     learner.fit_one_cycle(1, 1e-2)
     good = (run_dir / CHECKPOINT).read_bytes()
     with pytest.raises(TrainingDiverged, match="learning rate .* too high"):
@@ -223,7 +271,7 @@ def test_a_diverging_run_ends_failed_with_the_reason(shapes, tmp_path):
 
 def test_fine_tune_freezes_then_trains_everything(shapes):
     cfg = tiny_config(shapes, schedule="fine_tune", epochs=1, freeze_epochs=1)
-    learner = Learner(cfg)
+    learner = make_learner(cfg)
     body_before = [p.detach().clone() for n, p in learner.model[0].named_parameters() if "bn" not in n]
     history = learner.fine_tune(1, base_lr=2e-3, freeze_epochs=1)
     assert len(history) == 2
@@ -233,12 +281,12 @@ def test_fine_tune_freezes_then_trains_everything(shapes):
 
 def test_progressive_resizing_starts_from_the_previous_run(finished_run, shapes):
     cfg = tiny_config(shapes, epochs=1, init_from=str(finished_run), data={"size": 48})
-    learner = Learner(cfg)
+    learner = make_learner(cfg)
     source = load_bundle(finished_run / BUNDLE, device="cpu").model.state_dict()
     for key, value in learner.model.state_dict().items():
         assert torch.equal(value.cpu(), source[key]), key
     x, y, _ = next(iter(learner.dls.train))
-    assert learner.to_device(x, y, train=True)[0].shape[-2:] == (48, 48)
+    assert learner.on_device.batch(x, y, train=True)[0].shape[-2:] == (48, 48)
 
 
 def test_continuing_from_a_run_needs_no_imagenet_weights(finished_run, shapes, tmp_path, monkeypatch):
@@ -249,7 +297,7 @@ def test_continuing_from_a_run_needs_no_imagenet_weights(finished_run, shapes, t
         monkeypatch.setenv(var, "http://127.0.0.1:9")
     cfg = tiny_config(shapes, epochs=1, init_from=str(finished_run))
     cfg.model.pretrained = True
-    learner = Learner(cfg)
+    learner = make_learner(cfg)
     source = load_bundle(finished_run / BUNDLE, device="cpu").model.state_dict()
     assert all(torch.equal(v.cpu(), source[k]) for k, v in learner.model.state_dict().items())
 
@@ -257,9 +305,9 @@ def test_continuing_from_a_run_needs_no_imagenet_weights(finished_run, shapes, t
 def test_results_do_not_depend_on_a_warm_cache(shapes, tmp_path, monkeypatch):
     cfg = tiny_config(shapes, epochs=1)
     monkeypatch.setenv("LOUPE_HOME", str(tmp_path / "cold"))
-    cold = Learner(cfg)
+    cold = make_learner(cfg)
     cold.fit()
-    warm = Learner(cfg)  # same workspace: every image now comes from the decoded cache
+    warm = make_learner(cfg)  # same workspace: every image now comes from the decoded cache
     warm.fit()
     assert cold.history[-1]["valid_loss"] == warm.history[-1]["valid_loss"]
     for a, b in zip(cold.model.state_dict().values(), warm.model.state_dict().values()):
@@ -316,7 +364,7 @@ def test_multi_label_run_reports_fbeta(multi_label_data, tmp_path):
 
 
 def test_lr_find_restores_weights_exactly_and_suggests_rates_inside_the_sweep(shapes):
-    learner = Learner(tiny_config(shapes, schedule="fine_tune"))
+    learner = make_learner(tiny_config(shapes, schedule="fine_tune"))
     before = {k: v.clone() for k, v in learner.model.state_dict().items()}
     grads_before = {n: p.requires_grad for n, p in learner.model.named_parameters()}
     result = lr_find(learner, num_it=40, start_lr=1e-6, end_lr=10)
@@ -330,8 +378,22 @@ def test_lr_find_restores_weights_exactly_and_suggests_rates_inside_the_sweep(sh
         assert math.isfinite(lr) and 1e-7 <= lr <= 10
 
 
+def test_lr_find_trains_with_the_training_step(shapes):
+    """The sweep runs the training loop's TrainStep: out of memory above 4 images halves its micro-batch (the
+    GradScaler of fp16 comes with the same step) instead of ending the sweep."""
+    learner = make_learner(tiny_config(shapes))
+
+    def run_out_of_memory(module, args):
+        if module.training and args[0].shape[0] > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (raised by the test)")
+
+    learner.model.register_forward_pre_hook(run_out_of_memory)
+    result = lr_find(learner, num_it=8, frozen=False)
+    assert len(result.lrs) == 8 and all(math.isfinite(v) for v in result.losses)
+
+
 def test_lr_find_works_unfrozen(shapes):
-    learner = Learner(tiny_config(shapes))
+    learner = make_learner(tiny_config(shapes))
     result = lr_find(learner, num_it=20, frozen=False)
     assert len(result.lrs) >= 5
 
@@ -357,7 +419,7 @@ def test_suggestions_are_pure_functions_of_the_curve():
 def test_out_of_memory_halves_the_micro_batch_and_training_goes_on(shapes):
     """The CUDA OOM path on CPU: a forward pre-hook raises torch's real OutOfMemoryError above 4 images."""
     events = []
-    learner = Learner(tiny_config(shapes, epochs=1), on_event=lambda kind, **f: events.append((kind, f)))
+    learner = make_learner(tiny_config(shapes, epochs=1), on_event=lambda kind, **f: events.append((kind, f)))
 
     def run_out_of_memory(module, args):
         if module.training and args[0].shape[0] > 4:
