@@ -3,6 +3,7 @@
 import streamlit as st
 
 from ui.auth import auth_configured, logged_in, login_page, render_account
+from ui.loading import run_page
 from ui.sidebar import render_sidebar
 
 # An emoji tab icon is drawn by the browser itself; a ":material/...:" one is fetched from Google's font server,
@@ -37,4 +38,4 @@ else:
     page = st.navigation(pages)
     render_sidebar()
     render_account()
-page.run()
+run_page(page)
