@@ -6,13 +6,13 @@ import streamlit as st
 
 from core.images import DataError
 from core.layouts import LAYOUT_NAMES
-from ui import data_view
+from ui import data_chooser, data_gallery, data_view
 from ui.state import current_dataset
 
 st.title("Data")
 dataset = current_dataset()
 if dataset is None:
-    data_view.render_chooser(None)
+    data_chooser.render_chooser(None)
     st.info(
         "Loupe reads one subfolder per class (bears/grizzly/*.jpg), train/ and valid/ folders, "
         "labels in file names (great_pyrenees_173.jpg) or a CSV of file names and labels.",
@@ -24,7 +24,7 @@ st.markdown(f"### :material/folder: {Path(dataset).name}")
 header = st.container()  # the path and layout, once the dataset has been read
 choose, options = st.columns(2)
 with choose:
-    data_view.render_chooser(dataset)
+    data_chooser.render_chooser(dataset)
 with options:
     cfg = data_view.render_options(dataset)
 try:
@@ -39,6 +39,6 @@ header.caption(f"`{dataset}` · {LAYOUT_NAMES[source.layout]}{' · multi-label' 
 data_view.render_summary(source, bad, split)
 data_view.render_warnings(source, bad, split)
 data_view.render_charts(source, split)
-data_view.render_problems(source, bad)
-data_view.render_gallery(source, split)
-data_view.render_augmentations(source, split, cfg)
+data_gallery.render_problems(source, bad)
+data_gallery.render_gallery(source, split)
+data_gallery.render_augmentations(source, split, cfg)

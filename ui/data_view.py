@@ -1,4 +1,5 @@
-"""The Data page's parts: choosing a dataset, the cached analysis, and the charts and galleries it shows.
+"""The Data page's analysis: how to read and split the dataset, the cached result, its summary, warnings and
+charts (choosing a dataset: ui.data_chooser; galleries and augmentations: ui.data_gallery).
 
 Everything slow is cached: the labelled, verified split by (folder, options, a cheap listing signature),
 image sizes by the sampled paths, thumbnails by ui.gallery/ui.cache, augmentation previews by paths and mtimes.
@@ -6,10 +7,8 @@ image sizes by the sampled paths, thumbnails by ui.gallery/ui.cache, augmentatio
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,183 +16,18 @@ import numpy as np
 import pandas as pd
 import plotly.express as px
 import streamlit as st
-import torch
 from PIL import Image
 
 from core import data, layouts, listing
-from core.augment import BatchAugment, presize, presize_side, resize_batch
 from core.data import DataConfig
-from core.demo import DemoSpec, make_demo_dataset
-from core.env import check_data_path, workspace_dir
-from core.images import BadImage, DataError, open_image
+from core.images import BadImage, DataError
 from core.layouts import DataSource
-from core.listing import path_text
-from core.split import SIDES, Split, split_counts
-from core.uploads import UploadError, extract_zip, remove_abandoned
-from ui import gallery
-from ui.state import demo_path, recent_datasets, set_dataset
+from core.split import Split, split_counts
+from ui.data_chooser import OPTIONS_KEY, data_options
 
-OPTIONS_KEY = "data_options"  # DataConfig field overrides the Train page builds its config from
-PER_DATASET = ("layout", "label_regex", "csv_file", "group_regex")  # options that mean nothing for another folder
 TINY_CLASS = 10  # fewer images than this: too few to learn or to measure
-PAGE_SIZE = 24
 SIZE_SAMPLE = 2000
-PREVIEW_SIZE = 160
-PREVIEW_COPIES = 6
 SPLIT_COLOURS = {"train": "#3b5bdb", "valid": "#f08c00", "test": "#868e96"}
-SIDE_NAMES = {"train": "training", "valid": "validation", "test": "test"}
-
-
-# ---------------------------------------------------------------- choosing a dataset
-
-
-def data_options() -> dict:
-    return dict(st.session_state.get(OPTIONS_KEY) or {})
-
-
-def open_dataset(folder: str | Path) -> None:
-    """Make `folder` the dataset, forget the options that belonged to the previous one, and rerun."""
-    try:
-        set_dataset(folder)
-    except ValueError as e:  # outside the allowed roots (LOUPE_DATA_ROOTS): nothing is opened
-        st.error(f"{e}", icon=":material/block:")
-        return
-    options = data_options()
-    for name in PER_DATASET:
-        options.pop(name, None)
-        st.session_state.pop(f"data_{name}", None)
-    st.session_state[OPTIONS_KEY] = options
-    st.rerun()
-
-
-def folder_problem(folder: str | Path) -> str | None:
-    """Why `folder` cannot be opened as a dataset, in words for the user; None when it holds images."""
-    text = str(folder).strip()
-    if not text:
-        return "Type the path of a folder of images."
-    try:
-        check_data_path(text)  # before any look at the folder: say nothing about what lies outside the roots
-    except ValueError as e:
-        return f"{e}"
-    path = Path(text).expanduser()
-    if not path.exists():
-        return f"There is no folder at `{path}`. Check the spelling; a relative path starts from where Loupe runs."
-    if not path.is_dir():
-        hint = " To use a zip, upload it under **Upload a zip**." if path.suffix.lower() == ".zip" else ""
-        return f"`{path}` is a file, not a folder. Give the folder that holds the images.{hint}"
-    try:
-        if not any(True for _ in path.iterdir()):
-            return f"`{path}` is empty. Put the images in it, one subfolder per class."
-    except OSError as e:
-        return f"Loupe cannot read `{path}`: {e.strerror or e}."
-    if listing.list_images(path):  # the loader's own listing, so "has images" means the same thing to both
-        return None
-    kinds = ", ".join(sorted(listing.IMAGE_EXTENSIONS))
-    return f"No images in `{path}` (looked for {kinds} in it and its subfolders)."
-
-
-def _open_typed() -> None:
-    with st.form("data_open_form", border=False, enter_to_submit=True):
-        typed = st.text_input(
-            "Folder path",
-            key="data_path",
-            placeholder="e.g. ~/data/bears",
-            help="One subfolder per class (bears/grizzly/*.jpg), train/ and valid/ folders, "
-            "labels in file names (great_pyrenees_173.jpg), or a CSV of file names and labels.",
-        )
-        if st.form_submit_button("Open", key="data_open", icon=":material/folder_open:"):
-            problem = folder_problem(typed)
-            if problem:
-                st.error(problem, icon=":material/error:")
-            else:
-                open_dataset(Path(typed.strip()).expanduser())
-
-
-def _open_recent() -> None:
-    recent = recent_datasets()
-    choice = st.selectbox(
-        "Recent folders", recent, key="data_recent", format_func=lambda f: f"{Path(f).name}  ·  {Path(f).parent}"
-    )
-    if st.button("Open", key="data_open_recent", icon=":material/history:"):
-        open_dataset(choice)
-
-
-def _open_upload() -> None:
-    remove_abandoned(workspace_dir() / "datasets")  # unpacking killed half-way (kill -9, a crash) left these
-    limit_mb = int(st.get_option("server.maxUploadSize"))
-    upload = st.file_uploader(
-        "A zip of a dataset folder",
-        type=["zip"],
-        key="data_zip",
-        help=f"Up to {limit_mb:,} MB. Unpacked into the workspace's datasets folder; your zip is not changed. "
-        "A bigger dataset: copy its folder to this machine and type its path under **Folder**.",
-    )
-    if upload is None:
-        return
-    if upload.size > limit_mb * 2**20:  # Streamlit refuses bigger bodies on the way in; never rely on one check
-        st.error(f"{upload.name} is {upload.size / 2**20:,.0f} MB, over the {limit_mb:,} MB this server accepts. "
-                 "Copy the folder to this machine and type its path under **Folder** instead.", icon=":material/error:")
-        return
-    if st.button(f"Unpack {upload.name}", key="data_unpack", type="primary", icon=":material/unarchive:"):
-        target = workspace_dir() / "datasets"
-        try:
-            with st.spinner(f"Unpacking {upload.name}…"):
-                folder = extract_zip(upload, target, Path(upload.name).stem)
-        except UploadError as e:
-            st.error(f"{upload.name}: {e}", icon=":material/error:")
-            return
-        problem = folder_problem(folder)
-        if problem:
-            shutil.rmtree(folder, ignore_errors=True)
-            st.error(f"{upload.name} unpacked, but it holds no dataset: {problem}", icon=":material/error:")
-            return
-        open_dataset(folder)
-
-
-def _demo_size() -> int:
-    spec = DemoSpec()
-    return spec.n_per_class * len(spec.classes)
-
-
-def _open_demo(primary: bool) -> None:
-    folder = demo_path()
-    exists = folder.is_dir() and any(folder.iterdir())
-    label = "Open the demo dataset" if exists else "Create the demo dataset"
-    if st.button(label, key="data_demo", type="primary" if primary else "secondary", icon=":material/auto_awesome:"):
-        if not exists:
-            try:
-                with st.spinner(f"Drawing {_demo_size()} shapes…"):
-                    make_demo_dataset(folder)
-            except OSError as e:
-                st.error(f"Could not create the demo dataset in `{folder}`: {e}", icon=":material/error:")
-                return
-        open_dataset(folder)
-
-
-def render_chooser(dataset: str | None) -> None:
-    """With no dataset: a call to create the demo, then the other ways in. Otherwise: all of them, folded away."""
-    if dataset is None:
-        with st.container(border=True):
-            st.markdown("#### :material/rocket_launch: New here? Start with the demo dataset")
-            st.markdown(
-                f"{_demo_size()} small drawings of circles, squares and triangles, a few of them put in the wrong "
-                "folder on purpose. "
-                "It needs no internet and no GPU: a model trains on it in a minute, and Interpret and Clean "
-                "have real mistakes to find."
-            )
-            _open_demo(primary=True)
-        st.markdown("#### Or open your own images")
-    ways = {"Folder": _open_typed}
-    if recent_datasets():
-        ways["Recent"] = _open_recent
-    ways["Upload a zip"] = _open_upload
-    if dataset:
-        ways["Demo"] = lambda: _open_demo(primary=False)
-    box = st.expander("Open another dataset", icon=":material/folder_open:") if dataset else st.container(border=True)
-    with box:
-        for tab, show in zip(st.tabs(list(ways)), ways.values()):
-            with tab:
-                show()
 
 
 # ---------------------------------------------------------------- how to read and split it
@@ -455,137 +289,3 @@ def render_charts(source: DataSource, split: Split) -> None:
             return
         st.plotly_chart(sizes_figure(sizes), key="data_sizes_chart", config={"displayModeBar": False})
         st.caption(sizes_caption(sizes, len(source)))
-
-
-# ---------------------------------------------------------------- gallery, problems, augmentations
-
-
-def _short(name: str, limit: int = 20) -> str:
-    """Long names keep their start and end: the end usually tells similar files apart."""
-    keep = max(limit - 1, 4)
-    return name if len(name) <= limit else name[: keep - keep // 2] + "…" + name[-(keep // 2) :]
-
-
-def render_gallery(source: DataSource, split: Split) -> None:
-    st.subheader("Gallery", anchor=False)
-    vocab = source.vocab
-    counts = source.class_counts()
-    sides = split.sides(len(source))
-    present = [s for s in SIDES if (sides == s).any()]
-    with st.container(horizontal=True, gap="medium", vertical_alignment="bottom"):
-        label = lambda c: f"{c} ({counts[c]})"
-        if len(vocab) <= 6:
-            chosen = st.segmented_control(
-                "Class", vocab, default=vocab[0], key="data_gallery_class", format_func=label, required=True
-            )
-        else:
-            chosen = st.selectbox("Class", vocab, key="data_gallery_class", format_func=label, width=320)
-        side = st.segmented_control(
-            "Images", ["all"] + present, default="all", key="data_gallery_side", required=True,
-            format_func=lambda s: {"all": "all", "train": "training", "valid": "validation", "test": "test"}[s],
-        )
-    chosen = chosen if chosen in vocab else vocab[0]
-    side = side or "all"
-    members = [i for i, labels in enumerate(source.labels) if chosen in labels and side in ("all", sides[i])]
-    slot = st.container()
-    pager = f"data_gallery_page_{vocab.index(chosen)}_{side}"
-    shown = [members[k] for k in gallery.paginate(len(members), PAGE_SIZE, key=pager)]
-    with slot:
-        which = "" if side == "all" else " " + SIDE_NAMES[side]
-        if not members:
-            st.caption(f"**{chosen}** has no{which} images.")
-            return
-        first = members.index(shown[0]) + 1
-        st.caption(f"**{chosen}**:{which} images {first}–{first + len(shown) - 1} of {len(members)}.")
-
-        # ui.gallery's cells (letterboxed squares), denser than its grid(): a dataset is for skimming.
-        cells = st.grid(6, min_column_width=120, border=True, gap="small", key="data_gallery_grid")
-        for i in shown:
-            with cells.cell():
-                gallery.image_or_note(source.files[i], note="Moved or changed since the check")
-                st.caption(_short(path_text(source.files[i].stem), 16), help=path_text(source.files[i].name))
-
-
-def render_problems(source: DataSource, bad: list[BadImage]) -> None:
-    if not bad and not source.unlabelled:
-        return
-    st.subheader("Problems", anchor=False)
-    st.caption("These files are left out of training. Fix or delete them: the page checks again on its own.")
-
-    def rel(path: Path) -> str:
-        try:
-            return path_text(path.resolve().relative_to(source.root).as_posix())
-        except ValueError:
-            return path_text(path)
-
-    rows = [(rel(b.path), "cannot be used", b.reason) for b in bad]
-    rows += [(rel(path), "no label", why) for path, why in source.unlabelled]
-    table = pd.DataFrame(rows, columns=["file", "problem", "reason"])
-    st.dataframe(table, hide_index=True, key="data_problems", height=min(400, 38 + 35 * len(table)))
-    if source.unlisted:
-        st.caption(f"… and {source.unlisted:,} more rows of the CSV name files that are not in the folder "
-                   f"(only the first {layouts.MAX_LISTED:,} are listed).")
-
-
-def _jpeg(pixels: torch.Tensor) -> bytes:
-    """A float [3, H, W] image in [0, 1] as JPEG bytes."""
-    array = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
-
-
-@st.cache_data(max_entries=16, show_spinner="Augmenting a few images…")
-def _augmented(
-    paths: tuple[str, ...], mtimes: tuple[float, ...], augment: BatchAugment, seed: int
-) -> list[list[bytes]]:
-    generator = torch.Generator().manual_seed(seed)
-    side = presize_side(augment.size)
-    rows = []
-    for path in paths:
-        img = open_image(path, draft=side * 2)
-        square = torch.from_numpy(presize(img, side)).unsqueeze(0)  # what training stores for this image
-        batch = square.expand(PREVIEW_COPIES, -1, -1, -1)
-        rows.append([_jpeg(resize_batch(square, augment.size)[0])] + [_jpeg(x) for x in augment(batch, generator)])
-    return rows
-
-
-def describe_augment(augment: BatchAugment) -> str:
-    parts = [f"a random crop keeping {augment.min_scale:.0%}–100% of it" if augment.min_scale < 1 else "no cropping"]
-    if augment.flip:
-        parts.append("a mirror image half the time")
-    if augment.flip_vert:
-        parts.append("upside-down flips and quarter turns")
-    if augment.max_rotate > 0:
-        parts.append(f"a tilt of up to {augment.max_rotate:g}°")
-    if augment.max_lighting > 0:
-        parts.append(f"brightness and contrast within ±{augment.max_lighting:.0%}")
-    return ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
-
-
-def render_augmentations(source: DataSource, split: Split, cfg: DataConfig) -> None:
-    st.subheader("Training augmentations", anchor=False)
-    augment = BatchAugment.from_config(DataConfig(**{**asdict(cfg), "size": PREVIEW_SIZE}))
-    st.caption(f"Each epoch, every training image is seen differently: {describe_augment(augment)}. "
-               "The first image of each row is how validation sees it.")
-    draw = st.session_state.get("data_aug_draw", 0)
-    rng = np.random.default_rng(draw)
-    train = [int(i) for i in split.train] or list(range(len(source)))
-    classes = list(dict.fromkeys(source.labels[i][0] for i in rng.permutation(train)))[:2]
-    picks = [next(i for i in rng.permutation(train) if source.labels[i][0] == c) for c in classes]
-    paths = tuple(str(source.files[i]) for i in picks)
-    mtimes = tuple(os.path.getmtime(p) if os.path.exists(p) else 0.0 for p in paths)
-    try:
-        rows = _augmented(paths, mtimes, augment, draw)
-    except (OSError, ValueError) as e:
-        st.warning(f"Could not preview augmentations: {e}")
-        return
-    captions = ["as validated"] + [f"training {k}" for k in range(1, PREVIEW_COPIES + 1)]
-    for i, row in zip(picks, rows):
-        st.caption(f"**{source.labels[i][0]}** · {path_text(source.files[i].name)}")
-        with st.container(horizontal=True, gap="small"):
-            for image, caption in zip(row, captions):
-                st.image(image, caption=caption, width=120)
-    if st.button("Other images", key="data_aug_shuffle", icon=":material/shuffle:", type="tertiary"):
-        st.session_state["data_aug_draw"] = draw + 1
-        st.rerun()

@@ -22,7 +22,7 @@ from core.listing import listing_signature
 from core.model import ARCHS, pretrained_available
 from core.rundir import RunDir
 from core.runlog import read_config
-from ui.data_view import open_dataset
+from ui.data_chooser import open_dataset
 from ui.state import allowed, set_run
 from ui.train_run import is_sweep, safe_status
 from ui.train_weights import arch_changed, match_schedule_to_weights, weights_file, weights_hint, weights_line
