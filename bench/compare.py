@@ -89,7 +89,8 @@ def run_loupe(a: argparse.Namespace) -> dict:
     one_pass_s = time.perf_counter() - start
     start = time.perf_counter()
     dls = learner.dls
-    interpret.top_losses(split_table(learner.model, dls.source, dls.split, "valid", cfg, learner.on_device, dls.valid), 9)
+    table = split_table(learner.model, dls.source, dls.split, "valid", cfg, learner.on_device, dls.valid)
+    interpret.top_losses(table, 9)
     interpret_s = time.perf_counter() - start
 
     bundle_path = learner.export(Path(os.environ["LOUPE_HOME"]) / "model.safetensors")

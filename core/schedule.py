@@ -90,7 +90,8 @@ def one_cycle(phase: Phase, t: int, steps_per_epoch: int) -> tuple[list[float], 
 
 
 def _cos(start: float, end: float, pct: float) -> float:
-    return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)  # PyTorch's _annealing_cos, operation for operation
+    # PyTorch's _annealing_cos, operation for operation: the same floats as OneCycleLR
+    return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
 
 
 def plateau_cuts(phase: Phase, valid_losses: Sequence[float]) -> list[int]:

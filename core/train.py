@@ -61,7 +61,8 @@ def valid_metrics(preds: Preds, multi_label: bool, cfg: TrainConfig) -> dict[str
     row = {"valid_loss": float(preds.losses.mean())}
     if multi_label:
         row["accuracy_multi"] = interpret.accuracy_multi(preds.logits, preds.targets, thresh=cfg.threshold)
-        row[f"fbeta_{cfg.fbeta:g}"] = interpret.fbeta_multi(preds.logits, preds.targets, beta=cfg.fbeta, thresh=cfg.threshold)
+        fbeta = interpret.fbeta_multi(preds.logits, preds.targets, beta=cfg.fbeta, thresh=cfg.threshold)
+        row[f"fbeta_{cfg.fbeta:g}"] = fbeta
     else:
         row["error_rate"] = interpret.error_rate(preds.logits, preds.targets)
         row["accuracy"] = interpret.accuracy(preds.logits, preds.targets)
@@ -145,7 +146,8 @@ class Learner:
         should_stop: Callable[[], bool] | None = None,
         run_dir: str | Path | None = None,
     ):
-        self.cfg, self.dls, self.model, self.on_device, self.dist = cfg, setup.dls, setup.model, setup.on_device, setup.dist
+        self.cfg, self.dls, self.model = cfg, setup.dls, setup.model
+        self.on_device, self.dist = setup.on_device, setup.dist
         self.device = self.on_device.device
         self.loss_fn = make_loss(cfg, self.dls.multi_label)
         self.on_event = on_event or (lambda kind, **f: None)

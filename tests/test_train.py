@@ -31,7 +31,8 @@ from core.train import (
 
 def tiny_config(path: Path, **overrides) -> TrainConfig:
     """resnet18 from scratch at 32 px: a few seconds per epoch on two cores."""
-    data_options = {"size": 32, "batch_size": 16, "num_workers": 0, "max_rotate": 0, "min_scale": 0.75} | overrides.pop("data", {})
+    data_options = {"size": 32, "batch_size": 16, "num_workers": 0, "max_rotate": 0, "min_scale": 0.75}
+    data_options |= overrides.pop("data", {})
     data = DataConfig(path=str(path), **data_options)
     model = ModelConfig(arch="resnet18", pretrained=False)
     defaults = {"schedule": "one_cycle", "epochs": 2, "lr": 5e-3}
@@ -275,7 +276,8 @@ def test_fine_tune_freezes_then_trains_everything(shapes):
     body_before = [p.detach().clone() for n, p in learner.model[0].named_parameters() if "bn" not in n]
     history = learner.fine_tune(1, base_lr=2e-3, freeze_epochs=1)
     assert len(history) == 2
-    changed = [not torch.equal(a, b) for a, b in zip(body_before, [p for n, p in learner.model[0].named_parameters() if "bn" not in n])]
+    body_after = [p for n, p in learner.model[0].named_parameters() if "bn" not in n]
+    changed = [not torch.equal(a, b) for a, b in zip(body_before, body_after)]
     assert all(changed)  # the unfrozen epoch moved the convolutions too
 
 
@@ -315,7 +317,8 @@ def test_results_do_not_depend_on_a_warm_cache(shapes, tmp_path, monkeypatch):
 
 
 def test_early_stopping_and_keep_best(shapes, tmp_path):
-    run_dir = runs.create(tiny_config(shapes, schedule="plateau", epochs=6, lr=1e-6, early_stopping=1, keep_best=True).to_dict(), root=tmp_path)
+    cfg = tiny_config(shapes, schedule="plateau", epochs=6, lr=1e-6, early_stopping=1, keep_best=True)
+    run_dir = runs.create(cfg.to_dict(), root=tmp_path)
     assert run_training(run_dir) == 0
     epochs = runs.load_events(run_dir, "epoch")
     assert len(epochs) < 6 and runs.load_events(run_dir, "early_stop")
@@ -350,7 +353,8 @@ def multi_label_data(tmp_path_factory) -> Path:
 
 
 def test_multi_label_run_reports_fbeta(multi_label_data, tmp_path):
-    run_dir = runs.create(tiny_config(multi_label_data, epochs=3, lr=1e-2, data={"flip": False}).to_dict(), root=tmp_path)
+    cfg = tiny_config(multi_label_data, epochs=3, lr=1e-2, data={"flip": False})
+    run_dir = runs.create(cfg.to_dict(), root=tmp_path)
     assert run_training(run_dir) == 0
     last = runs.load_events(run_dir, "epoch")[-1]
     assert "fbeta_2" in last and "accuracy_multi" in last
