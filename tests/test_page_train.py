@@ -23,7 +23,7 @@ from core.fileio import read_json
 from core.job import DATASET_RECORD, load_lr_find, run_training
 from core.model import ModelConfig, pretrained_available, pretrained_cache_path
 from core.train import TrainConfig
-from ui.train_form import form_values
+from ui.train_form import FORM_FIELDS, build_config, form_values
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 PAGE = "app_pages/train.py"
@@ -227,6 +227,24 @@ def test_a_new_session_starts_the_form_from_the_selected_run(trained, monkeypatc
              for w in getattr(at, kind) if w.key in expected}
     assert shown == {key: expected[key] for key in shown}
     assert (shown["train_size"], shown["train_bs"], shown["train_epochs"]) == (32, 8, 2)  # the run's, not defaults
+
+
+def test_the_form_and_the_config_are_each_others_inverse() -> None:
+    """The form's widgets follow TrainConfig's fields (FORM_FIELDS): a config with every form field changed
+    comes back whole from its own widget values."""
+    cfg = TrainConfig(
+        data=DataConfig(path="/data/set", size=96, batch_size=12, num_workers=2),
+        model=ModelConfig(arch="resnet34", pretrained=False, head="linear", dropout=0.25),
+        schedule="plateau", epochs=7, freeze_epochs=2, lr=3e-4, pct_start=0.4, optimizer="sgd", weight_decay=0.05,
+        label_smoothing=0.1, early_stopping=3, keep_best=True, mixed_precision=False,
+    )
+    values = form_values(cfg)
+    assert set(FORM_FIELDS) <= set(values) and values["train_lr"] == "0.0003" and values["train_workers"] == 2
+    assert build_config("/data/set", {}, values | {"init_from": None, "extra_train": []}) == cfg
+    auto = build_config("/data/set", {}, form_values(TrainConfig()) | {"train_workers": "auto"})
+    assert auto.data.num_workers is None
+    with pytest.raises(ValueError, match="Learning rate"):
+        build_config("/data/set", {}, values | {"train_lr": "fast"})
 
 
 def test_the_caption_tells_a_split_the_folders_fix(home: Path, write_image) -> None:
