@@ -7,11 +7,13 @@ core.data, core.model and core.train import them from here (and re-export them u
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from core.fileio import read_json
 from core.images import DEFAULT_MAX_PIXELS
 from core.rundir import CONFIG_FILE
 
@@ -229,3 +231,20 @@ def _shape_problem(values: dict[str, Any], defaults: dict[str, Any], where: str)
             if problem:
                 return problem
     return None
+
+
+def read_run_config(run_dir: str | os.PathLike) -> tuple[TrainConfig | None, str | None]:
+    """A run's config.json as a TrainConfig, or None and why not: the one reading every page and the listing use."""
+    try:
+        data = read_json(Path(run_dir) / CONFIG_FILE)
+    except (OSError, ValueError) as exc:
+        return None, f"{CONFIG_FILE}: {exc}"
+    if not isinstance(data, dict):
+        return None, f"{CONFIG_FILE} does not hold a JSON object"
+    problem = config_problem(data)
+    if problem:  # pages read the config without checking it: an odd one must not reach them
+        return None, problem
+    try:
+        return TrainConfig.from_dict(data), None
+    except (TypeError, ValueError) as exc:
+        return None, f"{CONFIG_FILE}: {exc}"

@@ -10,9 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.config import TrainConfig, config_problem
-from core.fileio import read_json
-from core.rundir import CONFIG_FILE, LR_FIND, STATUS_FILE, RunDir, task_of
+from core.config import TrainConfig, read_run_config
+from core.rundir import LR_FIND, STATUS_FILE, RunDir, task_of
 from core.runlog import last_event
 from core.runs import ACTIVE_STATES, FINAL_STATES, UNREADABLE, PathArg, runs_root, status
 
@@ -71,26 +70,10 @@ def training_runs(root: PathArg | None = None) -> list[RunInfo]:
     return [info for info in list_runs(root) if not info.is_lr_find]
 
 
-def _read_config(run_dir: Path) -> tuple[TrainConfig | None, str | None]:
-    try:
-        data = read_json(run_dir / CONFIG_FILE)
-    except (OSError, ValueError) as exc:
-        return None, f"{CONFIG_FILE}: {exc}"
-    if not isinstance(data, dict):
-        return None, f"{CONFIG_FILE} does not hold a JSON object"
-    problem = config_problem(data)
-    if problem:  # pages read the config without checking it: an odd one must not reach them
-        return None, problem
-    try:
-        return TrainConfig.from_dict(data), None
-    except (TypeError, ValueError) as exc:
-        return None, f"{CONFIG_FILE}: {exc}"
-
-
 def describe(run_dir: Path) -> RunInfo:
     """One run's RunInfo (see `list_runs`)."""
     run = RunDir(run_dir)
-    config, problem = _read_config(run_dir)
+    config, problem = read_run_config(run_dir)
     problems = [problem] if problem else []
     current: dict[str, Any] = {}
     try:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core.config import TrainConfig, config_problem
+from core.config import TrainConfig, read_run_config
 from core.fileio import jsonl_line, parse_jsonl, read_json, write_line
 from core.rundir import EVENTS_FILE, RunDir
 
@@ -176,13 +176,9 @@ def last_event(run_dir: PathArg, kind: str, window: int = 64 * 1024, cap: int = 
 
 
 def read_config(run_dir: PathArg) -> TrainConfig | None:
-    """The run's config.json as a TrainConfig; None when it is missing or cannot be read as one."""
-    try:
-        data = read_json(RunDir(run_dir).config)
-        # an odd config.json ("data": "oops") reads as none, as the run listing shows it: unreadable
-        return TrainConfig.from_dict(data) if isinstance(data, dict) and not config_problem(data) else None
-    except (OSError, ValueError, TypeError, AttributeError):
-        return None
+    """The run's config.json as a TrainConfig; None when it is missing or cannot be read as one (the run listing
+    shows such a run as unreadable, with the reason: core.config.read_run_config)."""
+    return read_run_config(run_dir)[0]
 
 
 def _config_of(data: object) -> TrainConfig | None:
