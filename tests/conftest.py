@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
@@ -30,6 +32,25 @@ def write_solid_image(path: Path, colour: tuple[int, int, int] = (200, 30, 30), 
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (size, size), colour).save(path)
     return path
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models train as fast on one thread, and far faster when other processes share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh, empty workspace (LOUPE_HOME) for the test; files whose tests need more in it define their own."""
+    workspace = tmp_path / "workspace"
+    monkeypatch.setenv("LOUPE_HOME", str(workspace))
+    return workspace
 
 
 @pytest.fixture

@@ -21,12 +21,6 @@ def image_bytes(fmt: str = "PNG", colour=(200, 30, 30), size=(24, 16), mode: str
     return buffer.getvalue()
 
 
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("LOUPE_HOME", str(tmp_path / "ws"))
-    return tmp_path / "ws"
-
-
 def files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
 

@@ -16,13 +16,6 @@ BEARS = Path(__file__).resolve().parents[2] / "shared" / "data" / "bears"
 
 
 @pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    workspace = tmp_path / "workspace"
-    monkeypatch.setenv("LOUPE_HOME", str(workspace))
-    return workspace
-
-
-@pytest.fixture
 def at(home: Path) -> AppTest:
     app = AppTest.from_file(APP, default_timeout=120)
     app.run()

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import failed_after, open_app_page
+from conftest import failed_after, one_torch_thread, open_app_page
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
@@ -23,17 +20,6 @@ from core.model import ModelConfig
 from core.train import TrainConfig
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
-
-
-@contextlib.contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models train as fast on one thread, and far faster when other processes share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

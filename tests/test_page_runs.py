@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import open_app_page
+from conftest import one_torch_thread, open_app_page
 from streamlit.testing.v1 import AppTest
 
 from core import job, runs
@@ -24,17 +22,6 @@ from core.train import CHECKPOINT, TrainConfig
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 TABLE_KEY = "runs_table"
-
-
-@contextlib.contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models train as fast on one thread, and far faster when other processes share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def config(dataset: Path, lr: float = 2e-3) -> dict:
@@ -65,6 +52,7 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The test's own folder as the workspace (tests link runs into it, so it exists from the start)."""
     monkeypatch.setenv("LOUPE_HOME", str(tmp_path))
     return tmp_path
 

@@ -18,8 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_config as conftest_tiny_config
-from conftest import train_tiny_run
+from conftest import tiny_config, train_tiny_run
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
@@ -34,10 +33,9 @@ from core.images import HEIF_REASON, DataError, check_image, open_image, verify_
 from core.job import DATASET_RECORD
 from core.layouts import detect_layout, load_source
 from core.listing import list_images, path_text
-from core.model import ModelConfig
 from core.runlist import list_runs
 from core.thumbs import thumbnail
-from core.train import CHECKPOINT, Learner, TrainConfig, load_checkpoint, setup_training
+from core.train import CHECKPOINT, Learner, load_checkpoint, setup_training
 
 REPO = Path(__file__).resolve().parents[1]
 APP = str(REPO / "app.py")
@@ -48,13 +46,6 @@ TINY_CLI = ["--no-pretrained", "--schedule", "one_cycle", "--size", "32", "--bs"
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def tiny_config(dataset: Path, epochs: int = 3, **overrides) -> dict:
-    """resnet18 from scratch at 32 px, batch 8, no worker processes: the config a page would write."""
-    data = DataConfig(path=str(dataset), size=32, batch_size=8, num_workers=0)
-    settings = {"schedule": "one_cycle", "epochs": epochs, "lr": 1e-2, **overrides}
-    return TrainConfig(data=data, model=ModelConfig(pretrained=False), **settings).to_dict()
 
 
 def until(predicate: Callable[[], object], timeout: float = 120, run: Path | None = None, poll: float = 0.02):
@@ -239,7 +230,8 @@ def test_data_page_pages_a_twenty_thousand_image_class_and_makes_only_the_thumbn
 ):
     # Hard links of two real images: 20,000 decodable files in a second (verification still opens each one).
     root = tmp_path / "big"
-    originals = [write_png(tmp_path / f"{c}.png", colour, size=8) for c, colour in (("a", (220, 0, 0)), ("b", (0, 0, 220)))]
+    colours = (("a", (220, 0, 0)), ("b", (0, 0, 220)))
+    originals = [write_png(tmp_path / f"{c}.png", colour, size=8) for c, colour in colours]
     for i in range(20_000):
         folder = root / ("a", "b")[i % 2] / f"part_{i % 20:02d}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -270,7 +262,7 @@ def test_data_page_pages_a_twenty_thousand_image_class_and_makes_only_the_thumbn
 
 
 def test_sigterm_ends_the_run_within_one_batch_with_a_checkpoint(tmp_path: Path, home: Path, demo: Path, background):
-    run = runs.create(tiny_config(demo, epochs=3), root=tmp_path / "runs")
+    run = runs.create(tiny_config(demo, epochs=3).to_dict(), root=tmp_path / "runs")
     launch(run, background)
     until(lambda: runs.load_events(run, "batch"), run=run)
     sent = time.time()
@@ -286,7 +278,7 @@ def test_sigterm_ends_the_run_within_one_batch_with_a_checkpoint(tmp_path: Path,
 
 def test_kill_9_mid_epoch_is_failed_and_resume_finishes_every_epoch(tmp_path: Path, home: Path, demo: Path,
                                                                     background):
-    run = runs.create(tiny_config(demo, epochs=3), root=tmp_path / "runs")
+    run = runs.create(tiny_config(demo, epochs=3).to_dict(), root=tmp_path / "runs")
     pid = launch(run, background)
     until(lambda: any(b["epoch"] >= 1 for b in runs.load_events(run, "batch")), run=run)  # epoch 0 checkpointed
     os.killpg(os.getpgid(pid), signal.SIGKILL)  # a crash, not runs.kill (which records a deliberate stop)
@@ -312,8 +304,8 @@ def test_too_little_free_space_fails_the_run_before_any_training(tmp_path: Path,
                                                                  monkeypatch, background):
     monkeypatch.setenv("LOUPE_MIN_FREE_MB", str(10**12))  # more than any disk: the child sees a full one
     root = tmp_path / "runs"
-    train = runs.create(tiny_config(demo), root=root)
-    sweep = runs.create(tiny_config(demo), root=root)
+    train = runs.create(tiny_config(demo, epochs=3).to_dict(), root=root)
+    sweep = runs.create(tiny_config(demo, epochs=3).to_dict(), root=root)
     launch(train, background)
     launch(sweep, background, task="lr-find")
     for run in (train, sweep):
@@ -362,7 +354,7 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_old_one_and_no_temp_file(t
 def test_two_runs_started_at_once_one_trains_while_the_other_queues(tmp_path: Path, home: Path, demo: Path,
                                                                      background):
     root = tmp_path / "runs"
-    configs = [tiny_config(demo, epochs=2, lr=1e-2), tiny_config(demo, epochs=1, lr=5e-3)]
+    configs = [tiny_config(demo, epochs=2, lr=1e-2).to_dict(), tiny_config(demo, epochs=1, lr=5e-3).to_dict()]
     made = [runs.create(cfg, root=root) for cfg in configs]  # "Train" clicked twice, or two tabs
     assert len({p.name for p in made}) == 2 and sorted(p for p in root.iterdir() if p.is_dir()) == sorted(made)
     for run in made:
@@ -392,7 +384,7 @@ def test_two_runs_started_at_once_one_trains_while_the_other_queues(tmp_path: Pa
 
 def test_files_cleaned_away_during_a_run_are_skipped_and_reported(tmp_path: Path, home: Path, background):
     data = make_demo_dataset(tmp_path / "demo", DemoSpec(n_per_class=30, size=32, seed=2))
-    run = runs.create(tiny_config(data, epochs=3), root=tmp_path / "runs")
+    run = runs.create(tiny_config(data, epochs=3).to_dict(), root=tmp_path / "runs")
     launch(run, background)
     until(lambda: runs.load_events(run, "epoch"), run=run)
     items = read_json(run / DATASET_RECORD)["items"]
@@ -412,7 +404,7 @@ def test_files_cleaned_away_during_a_run_are_skipped_and_reported(tmp_path: Path
 
 def test_an_epoch_reports_the_files_it_could_not_read(tmp_path: Path, home: Path):
     data = make_demo_dataset(tmp_path / "demo", DemoSpec(n_per_class=8, size=32, seed=0, mislabel_frac=0.0))
-    cfg = TrainConfig.from_dict(tiny_config(data, epochs=1))
+    cfg = tiny_config(data, epochs=1)
     cfg.data.batch_size = 6  # 18 training images: three full batches, so drop_last leaves none out
     events: list[tuple[str, dict]] = []
     learner = Learner(cfg, setup_training(cfg), on_event=lambda kind, **f: events.append((kind, f)))
@@ -435,7 +427,7 @@ def test_a_new_session_shows_the_live_run_and_the_run_goes_on(tmp_path: Path, ho
 
     data = make_demo_dataset(home / "demo", DemoSpec(n_per_class=16, size=32, seed=0))
     atomic_write_json(home / RECENT_FILE, [str(data)])  # what the Data page leaves when a folder is opened
-    run = runs.create(tiny_config(data, epochs=500), root=home / "runs")
+    run = runs.create(tiny_config(data, epochs=500).to_dict(), root=home / "runs")
     launch(run, background)
     until(lambda: runs.load_events(run, "batch"), run=run)
 
@@ -638,7 +630,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     dataset = make_demo_dataset(base / "shapes", DemoSpec(n_per_class=6, size=32, seed=2))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LOUPE_HOME", str(base / "home"))
-        run = train_tiny_run(conftest_tiny_config(dataset), base / "home" / "runs")
+        run = train_tiny_run(tiny_config(dataset), base / "home" / "runs")
     return {"home": base / "home", "dataset": dataset, "run": run}
 
 

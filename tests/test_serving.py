@@ -48,13 +48,6 @@ AUTH = {
 
 
 @pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    workspace = tmp_path / "workspace"
-    monkeypatch.setenv("LOUPE_HOME", str(workspace))
-    return workspace
-
-
-@pytest.fixture
 def tree(tmp_path: Path, home: Path, write_image, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     """allowed/bears and outside/bears (two classes of 4 images each), allowed/link -> outside/bears;
     LOUPE_DATA_ROOTS = allowed."""
