@@ -6,8 +6,9 @@ A second table times the server's side alone: the Data and Train page scripts (w
 AppTest) while a run trains at the app's own CPU priority and at the lower one `core.runs.start` gives it.
 
 Each measurement is a real `streamlit run app.py` in a fresh workspace (the demo dataset open) driven
-by Debian's Chromium. Times are from the request to the first thing drawn in the main area (`first`) and to the page having finished its script (`settled`: heading drawn, no running indicator,
-spinner or placeholder). "During training" measurements run a long demo run (resnet18 from scratch,
+by Debian's Chromium. Times are from the request to the first thing drawn in the main area (`first`)
+and to the page having finished its script (`settled`: heading drawn, no running indicator, spinner or
+placeholder). "During training" measurements run a long demo run (resnet18 from scratch,
 one_cycle) in the background, as a user's would.
 """
 

@@ -1,4 +1,5 @@
-"""Run the real app for browser tests and screenshots: `streamlit run app.py` on a free port, Chromium via Playwright."""
+"""Run the real app for browser tests and screenshots: `streamlit run app.py` on a free port, Chromium via
+Playwright."""
 
 from __future__ import annotations
 

@@ -30,7 +30,8 @@ chromium = find_chromium()
 if chromium is None:
     if os.environ.get("LOUPE_REQUIRE_BROWSER") == "1":
         raise RuntimeError("LOUPE_REQUIRE_BROWSER=1 but no Chromium found (apt-get install chromium).")
-    pytest.skip("Chromium not installed (apt-get install chromium); the browser test needs it.", allow_module_level=True)
+    pytest.skip("Chromium not installed (apt-get install chromium); the browser test needs it.",
+                allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in requirements-dev.txt")
 
 
@@ -168,9 +169,9 @@ def test_a_fresh_offline_start_opens_every_page_by_its_path_and_trains_the_demo_
         assert config["model"]["pretrained"] is False and config["schedule"] == "one_cycle"  # offline defaults
         assert config["epochs"] == 1
         assert shown == {
-            "arch": config["model"]["arch"], "pretrained": config["model"]["pretrained"], "schedule": config["schedule"],
-            "epochs": str(config["epochs"]), "lr": f"{config['lr']:g}", "size": str(config["data"]["size"]),
-            "batch_size": str(config["data"]["batch_size"]),
+            "arch": config["model"]["arch"], "pretrained": config["model"]["pretrained"],
+            "schedule": config["schedule"], "epochs": str(config["epochs"]), "lr": f"{config['lr']:g}",
+            "size": str(config["data"]["size"]), "batch_size": str(config["data"]["batch_size"]),
         }
         page.screenshot(path=str(ARTIFACTS / "train-after-reload.png"), full_page=True)
         browser.close()
