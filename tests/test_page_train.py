@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from conftest import tiny_config
 from streamlit.testing.v1 import AppTest
 from torchvision.models import get_model
 
@@ -31,12 +32,6 @@ PAGE = "app_pages/train.py"
 ONE_THREAD = ("OMP_NUM_THREADS", "1")
 TINY = {"train_pretrained": False, "train_schedule": "one_cycle", "train_size": 32, "train_bs": 8, "train_epochs": 1,
         "train_workers": 0}
-
-
-def tiny_config(dataset: Path, **overrides) -> TrainConfig:
-    data = DataConfig(path=str(dataset), size=32, batch_size=8, num_workers=0)
-    settings = {"schedule": "one_cycle", "epochs": 1, **overrides}
-    return TrainConfig(data=data, model=ModelConfig(pretrained=False), **settings)
 
 
 def train_in_process(cfg: TrainConfig) -> Path:
