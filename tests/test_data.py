@@ -62,7 +62,10 @@ def test_split_folders_layout_keeps_its_split(tmp_path, write_image, valid_name)
     assert detect_layout(cfg) == "split_folders"
     source = load_source(cfg)
     split = split_items(source, cfg)
-    side = lambda ids: {source.files[i].relative_to(tmp_path.resolve()).parts[0] for i in ids}
+
+    def side(ids: list[int]) -> set[str]:
+        return {source.files[i].relative_to(tmp_path.resolve()).parts[0] for i in ids}
+
     assert (len(split.train), len(split.valid), len(split.test)) == (6, 2, 1)
     assert side(split.train) == {"train"} and side(split.valid) == {valid_name} and side(split.test) == {"test"}
     assert source.vocab == ["cat", "dog"]
