@@ -649,7 +649,7 @@ def test_one_odd_run_breaks_no_page(odd_run: Path, finished: dict[str, Path], pa
     listing = {info.id: info for info in list_runs(finished["home"] / "runs")}
     assert listing[odd_run.name].state == runs.UNREADABLE
     assert "'data' should be a JSON object" in listing[odd_run.name].error
-    assert listing[finished["run"].name]["state"] == runs.DONE
+    assert listing[finished["run"].name].state == runs.DONE
     at = AppTest.from_file(APP, default_timeout=120).run()
     at.switch_page(page).run()
     assert not at.exception, at.exception
