@@ -353,12 +353,13 @@ def multi_label_data(tmp_path_factory) -> Path:
 
 
 def test_multi_label_run_reports_fbeta(multi_label_data, tmp_path):
-    cfg = tiny_config(multi_label_data, epochs=3, lr=1e-2, data={"flip": False})
+    # Every group trains at lr under one_cycle (as fastai's fit_one_cycle(lr_max)): 1e-2 throughout is too hot here.
+    cfg = tiny_config(multi_label_data, epochs=3, lr=3e-3, data={"flip": False})
     run_dir = runs.create(cfg.to_dict(), root=tmp_path)
     assert run_training(run_dir) == 0
     last = runs.load_events(run_dir, "epoch")[-1]
     assert "fbeta_2" in last and "accuracy_multi" in last
-    assert last["fbeta_2"] > 0.8
+    assert last["fbeta_2"] > 0.8, last
     table = interpret.load_table(interpret.table_path(run_dir, "valid"))
     assert interpret.is_multi_label(table)
     assert load_bundle(run_dir / BUNDLE, device="cpu").meta.task == "multi_label"
