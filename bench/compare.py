@@ -213,11 +213,13 @@ def table(results: dict[str, dict]) -> str:
     lines += [f"| {name} | {fmt(loupe, k, f)} | {fmt(fastai, k, f)} | {fmt(limit, k, f)} |" for name, k, f in rows]
     ratios = []
     if loupe and limit:
-        ratios.append(f"Loupe / compute limit, training throughput: {loupe['images_per_s'] / limit['images_per_s']:.2f}")
+        share = loupe["images_per_s"] / limit["images_per_s"]
+        ratios.append(f"Loupe / compute limit, training throughput: {share:.2f}")
     if loupe and fastai:
         ratios.append(f"Loupe / fastai, training throughput: {loupe['images_per_s'] / fastai['images_per_s']:.2f}x")
         ratios.append(f"fastai / Loupe, lr_find time: {fastai['lr_find_s'] / loupe['lr_find_s']:.2f}x faster")
-        ratios.append(f"Loupe interpretation / one inference pass: {loupe['interpret_s'] / loupe['one_inference_pass_s']:.2f}")
+        passes = loupe["interpret_s"] / loupe["one_inference_pass_s"]
+        ratios.append(f"Loupe interpretation / one inference pass: {passes:.2f}")
     return "\n".join(lines + [""] + [f"- {r}" for r in ratios])
 
 

@@ -177,7 +177,8 @@ def cmd_interpret(a: argparse.Namespace) -> int:
     table = interpret_run(a.run_dir, a.split)
     vocab = table.attrs["vocab"]
     print(f"Top {a.top} losses ({a.split}):")
-    print(interpret.top_losses(table, a.top)[["file", "actual", "predicted", "prob_pred", "loss"]].to_string(index=False))
+    columns = ["file", "actual", "predicted", "prob_pred", "loss"]
+    print(interpret.top_losses(table, a.top)[columns].to_string(index=False))
     if not interpret.is_multi_label(table):
         print("\nMost confused (actual -> predicted):")
         print(interpret.most_confused(table, vocab, min_val=1).to_string(index=False))

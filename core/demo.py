@@ -54,7 +54,10 @@ def _polygon(kind: str, cx: float, cy: float, r: float, turn: float) -> list[tup
     else:
         raise ValueError(f"unknown shape {kind!r}; choose from {', '.join(SHAPE_COLOURS)}")
     return [
-        (cx + radius(k) * math.cos(turn + 2 * math.pi * k / corners), cy + radius(k) * math.sin(turn + 2 * math.pi * k / corners))
+        (
+            cx + radius(k) * math.cos(turn + 2 * math.pi * k / corners),
+            cy + radius(k) * math.sin(turn + 2 * math.pi * k / corners),
+        )
         for k in range(corners)
     ]
 
@@ -69,7 +72,8 @@ def draw_shape(kind: str, size: int, rng: np.random.Generator, base: Sequence[in
     draw = ImageDraw.Draw(img)
     r = rng.uniform(0.18, 0.38) * size
     cx, cy = rng.uniform(r, size - r, size=2)
-    colour = tuple(int(c) for c in np.clip(np.array(base or SHAPE_COLOURS[kind]) + rng.integers(-40, 41, size=3), 0, 255))
+    jittered = np.array(base or SHAPE_COLOURS[kind]) + rng.integers(-40, 41, size=3)
+    colour = tuple(int(c) for c in np.clip(jittered, 0, 255))
     if kind == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
     elif kind == "cross":

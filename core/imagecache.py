@@ -36,7 +36,9 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 class DecodedImages:
     """Presized uint8 [3, side, side] arrays for a list of files, decoded at most once per file version."""
 
-    def __init__(self, files: Sequence[Path], side: int, root: Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self, files: Sequence[Path], side: int, root: Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+    ):
         self.files, self.side, self.max_pixels = list(files), side, max_pixels
         self.folder = (root or cache_root()) / str(side)
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -74,7 +74,9 @@ def check_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -
     return None
 
 
-def verify_images(paths: list[Path], max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None) -> list[BadImage]:
+def verify_images(
+    paths: list[Path], max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None
+) -> list[BadImage]:
     """Files among `paths` that cannot be used as images, each with the reason, checked in parallel."""
     workers = workers or min(8, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -129,7 +131,9 @@ def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, dr
         raise
     with img:
         if img.width * img.height > max_pixels:
-            raise DataError(f"{Path(path).name}: declares {img.width}x{img.height} pixels, over the {max_pixels:,} limit.")
+            raise DataError(
+                f"{Path(path).name}: declares {img.width}x{img.height} pixels, over the {max_pixels:,} limit."
+            )
         if draft:
             img.draft(None, (draft, draft))
         img.load()  # animated GIFs and multi-page TIFFs: the first frame

@@ -119,7 +119,8 @@ class ProgressBar:
             return
         done = int(30 * batch / max(n_batches, 1))
         end = "\n" if batch >= n_batches else ""
-        print(f"\r[{'#' * done}{'.' * (30 - done)}] {batch}/{n_batches} loss {loss:.4f}", end=end, file=self.out, flush=True)
+        bar = "#" * done + "." * (30 - done)
+        print(f"\r[{bar}] {batch}/{n_batches} loss {loss:.4f}", end=end, file=self.out, flush=True)
 
 
 class Reporter:

@@ -21,7 +21,8 @@ TINY = ["--no-pretrained", "--schedule", "one_cycle", "--size", "32", "--bs", "8
 def core_cli(*args: str, home: Path, timeout: float = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "LOUPE_HOME": str(home)}
     return subprocess.run(
-        [sys.executable, "-m", "core", *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "core", *map(str, args)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
     )
 
 

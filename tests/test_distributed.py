@@ -133,7 +133,8 @@ def test_killing_one_rank_fails_the_run_without_hanging(home, demo):
     victim = None
     while time.monotonic() - started < TIMEOUT and proc.poll() is None:
         found = re.search(r"rank 1 pid (\d+)", log.read_text())
-        batches = (run_dir / runs.EVENTS_FILE).exists() and '"event":"batch"' in (run_dir / runs.EVENTS_FILE).read_text()
+        events = run_dir / runs.EVENTS_FILE
+        batches = events.exists() and '"event":"batch"' in events.read_text()
         if found and batches:
             victim = int(found.group(1))
             break

@@ -244,7 +244,10 @@ def test_an_extraction_killed_half_way_is_cleaned_up_and_a_live_one_is_not(tmp_p
     with zipfile.ZipFile(big, "w", zipfile.ZIP_STORED) as zf:
         for i in range(3000):  # about a second of unpacking: long enough to be killed in the middle
             zf.writestr(f"c/{i}.jpg", photo)
-    code = f"from pathlib import Path; from core.uploads import extract_zip; extract_zip({str(big)!r}, Path({str(dest)!r}), 'big')"
+    code = (
+        "from pathlib import Path; from core.uploads import extract_zip; "
+        f"extract_zip({str(big)!r}, Path({str(dest)!r}), 'big')"
+    )
     child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
     try:
         deadline = time.monotonic() + 60
