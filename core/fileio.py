@@ -16,13 +16,8 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp_path)` on a temp file next to `path`, fsync it, then rename it over `path`.
-
-    The temp file lives in the same directory so `os.replace` is a single atomic rename;
-    on any failure the temp file is removed and the old `path` is left untouched.
-    """
-    path = Path(path)
+def _written_temp(path: Path, write: Callable[[Path], None]) -> Path:
+    """A temp file next to `path` (same directory, so a rename or link is atomic), filled by `write` and fsynced."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -31,6 +26,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp_path)` on a temp file next to `path`, fsync it, then rename it over `path`.
+
+    On any failure the temp file is removed and the old `path` is left untouched.
+    """
+    path = Path(path)
+    tmp = _written_temp(path, write)
+    try:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -44,14 +53,8 @@ def create_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"{path} already exists.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _written_temp(path, write)
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
         os.link(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
