@@ -32,6 +32,7 @@ from core.lrfind import LRFindResult, estimate_seconds, lr_find, measured_speed,
 
 # has_checkpoint, checkpoint_bytes and remove_checkpoints live with the run's paths; re-exported here
 from core.rundir import (  # noqa: F401
+    BUNDLE_FILE,
     DATASET_RECORD_FILE,
     LR_FIND,
     LR_FIND_FILE,
@@ -44,7 +45,6 @@ from core.split import Split, source_from_record, source_record
 from core.stamps import fmt_duration
 from core.step import OnDevice, get_preds, make_loss
 from core.train import (
-    BUNDLE,
     Learner,
     StopRequested,
     TrainConfig,
@@ -53,7 +53,6 @@ from core.train import (
     setup_training,
 )
 
-DATASET_RECORD = DATASET_RECORD_FILE  # the name kept for callers
 SKIPPED_LISTED = 20  # file names a "skipped" event lists; the count covers the rest
 
 
@@ -231,7 +230,7 @@ def _fingerprint(learner: Learner) -> None:
 
 def _announce(learner: Learner, report: Reporter, run_dir: Path, resume: bool) -> None:
     dls = learner.dls
-    atomic_write_json(run_dir / DATASET_RECORD, source_record(dls.source, dls.split))
+    atomic_write_json(run_dir / DATASET_RECORD_FILE, source_record(dls.source, dls.split))
     print(f"Loupe run {run_dir.name}: {dls.source.describe()} on {learner.device}", flush=True)
     for bad in dls.bad:
         print(f"skipped {path_text(bad.path)}: {bad.reason}", file=sys.stderr, flush=True)
@@ -264,8 +263,8 @@ def _finish(learner: Learner, report: Reporter, run_dir: Path) -> None:
     """Export the model and the interpretation tables: what Interpret, Clean and Predict read."""
     if learner.cfg.keep_best and load_best_weights(learner.model, run_dir):
         report("best_weights", best_valid_loss=learner.best_valid)
-    learner.export(run_dir / BUNDLE)
-    report("exported", file=BUNDLE)
+    learner.export(run_dir / BUNDLE_FILE)
+    report("exported", file=BUNDLE_FILE)
     dls = learner.dls
     for split in ("valid", "train"):
         # the valid loader's images are already decoded in memory (unless sharded): reused, one inference pass
@@ -315,11 +314,11 @@ def interpret_run(run_dir: str | Path, split: str = "valid"):
     """The per-item table of a finished run, from its model and the items it was trained on; cached on disk."""
     run_dir = Path(run_dir)
     path = interpret.table_path(run_dir, split)
-    bundle_path = run_dir / BUNDLE
+    bundle_path = run_dir / BUNDLE_FILE
     if path.exists() and path.stat().st_mtime >= bundle_path.stat().st_mtime:
         return interpret.load_table(path)
     cfg = load_config(run_dir)
-    source, item_split = source_from_record(read_json(run_dir / DATASET_RECORD))
+    source, item_split = source_from_record(read_json(run_dir / DATASET_RECORD_FILE))
     on_device = OnDevice.for_config(cfg, resolve_device(cfg.device))
     model = on_device.place(load_bundle(bundle_path, device=on_device.device).model)
     table = split_table(model, source, item_split, split, cfg, on_device)

@@ -28,7 +28,7 @@ from core.env import resolve_device, seed_everything
 from core.fileio import atomic_write
 from core.listing import path_text
 from core.model import build_model, freeze, param_groups, unfreeze
-from core.rundir import BEST_WEIGHTS_FILE, BUNDLE_FILE, CHECKPOINT_FILE, RunDir
+from core.rundir import BEST_WEIGHTS_FILE, CHECKPOINT_FILE, RunDir
 from core.schedule import Phase, apply_rates, lr_at, momentum_of, peak_lrs, plan
 from core.step import (
     OnDevice,
@@ -42,7 +42,6 @@ from core.step import (
     make_optimizer,
 )
 
-CHECKPOINT, BEST_WEIGHTS, BUNDLE = CHECKPOINT_FILE, BEST_WEIGHTS_FILE, BUNDLE_FILE  # names kept for callers
 DIVERGENCE_FACTOR = 1000.0  # a loss this many times the first one means training has blown up
 
 
@@ -294,7 +293,7 @@ class Learner:
         self.save_checkpoint(next_epoch)
         if improved and self.cfg.keep_best and self.run_dir and self.dist.main:
             weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-            atomic_write(self.run_dir / BEST_WEIGHTS, lambda tmp: torch.save(weights, tmp))
+            atomic_write(self.run_dir / BEST_WEIGHTS_FILE, lambda tmp: torch.save(weights, tmp))
 
     # ---------------------------------------------------------------- checkpoints and files
 
@@ -314,8 +313,8 @@ class Learner:
             "rng": torch.get_rng_state(),
             **asdict(at),
         }
-        atomic_write(self.run_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
-        self.on_event("checkpoint", epoch=at.epoch, batch=at.batch, step=self.step, file=CHECKPOINT)
+        atomic_write(self.run_dir / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
+        self.on_event("checkpoint", epoch=at.epoch, batch=at.batch, step=self.step, file=CHECKPOINT_FILE)
 
     def _save_item_losses(self, epoch: int, ids: list[int], losses: list[float]) -> None:
         if not self.run_dir or not self.dist.main:
@@ -370,11 +369,11 @@ def warm_start(model: nn.Module, source: str | Path, vocab: list[str]) -> None:
 
 def load_checkpoint(run_dir: str | Path) -> dict:
     """The resumable state of a run; loaded without unpickling arbitrary objects."""
-    return torch.load(Path(run_dir) / CHECKPOINT, map_location="cpu", weights_only=True)
+    return torch.load(Path(run_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
 
 def load_best_weights(model: nn.Module, run_dir: str | Path) -> bool:
-    path = Path(run_dir) / BEST_WEIGHTS
+    path = Path(run_dir) / BEST_WEIGHTS_FILE
     if not path.exists():
         return False
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))

@@ -12,7 +12,7 @@ import pytest
 
 from core import runs
 from core.demo import DemoSpec, make_demo_dataset
-from core.train import BUNDLE, CHECKPOINT
+from core.rundir import BUNDLE_FILE, CHECKPOINT_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--no-pretrained", "--schedule", "one_cycle", "--size", "32", "--bs", "8", "--lr", "1e-2", "--workers", "0"]
@@ -58,9 +58,9 @@ def test_train_prints_the_epoch_table_and_leaves_a_complete_run(trained):
     rows = [line.split() for line in lines[top + 1:] if line.split() and line.split()[0].isdigit()]
     assert [row[0] for row in rows] == ["1", "2"]  # counted from 1, as on every page
     assert runs.status(run_dir)["state"] == runs.DONE
-    for name in (BUNDLE, "interpret_valid.parquet", "events.jsonl"):
+    for name in (BUNDLE_FILE, "interpret_valid.parquet", "events.jsonl"):
         assert (run_dir / name).exists()
-    assert not (run_dir / CHECKPOINT).exists() and "checkpoints are removed" in result.stdout
+    assert not (run_dir / CHECKPOINT_FILE).exists() and "checkpoints are removed" in result.stdout
 
 
 def test_interpret_prints_top_losses_and_confusions(trained, home):
@@ -119,7 +119,7 @@ def test_background_run_stops_on_request_and_resumes_to_the_end(demo, tmp_path):
     runs.request_stop(run_dir)
     final = runs.wait(run_dir, timeout=120)
     assert final["state"] == runs.STOPPED
-    assert (run_dir / CHECKPOINT).exists() and (run_dir / BUNDLE).exists()
+    assert (run_dir / CHECKPOINT_FILE).exists() and (run_dir / BUNDLE_FILE).exists()
     done_before = len(runs.load_events(run_dir, "epoch"))
     assert done_before < 3
 
@@ -128,7 +128,7 @@ def test_background_run_stops_on_request_and_resumes_to_the_end(demo, tmp_path):
     assert final["state"] == runs.DONE, (run_dir / runs.LOG_FILE).read_text()
     epochs = [e["epoch"] for e in runs.load_events(run_dir, "epoch")]
     assert epochs[-1] == 2 and sorted(set(epochs)) == [0, 1, 2]
-    assert not (run_dir / CHECKPOINT).exists()  # done: nothing left to resume, so no checkpoint kept
+    assert not (run_dir / CHECKPOINT_FILE).exists()  # done: nothing left to resume, so no checkpoint kept
 
     again = core_cli("train", "--run-dir", run_dir, "--resume", home=tmp_path)
     assert again.returncode == 2 and "no checkpoint to resume from" in again.stderr

@@ -19,11 +19,11 @@ from core.bundle import load_bundle
 from core.data import DataConfig, EpochSampler, ShardSampler, make_loader, shard
 from core.demo import DemoSpec, make_demo_dataset
 from core.fileio import read_json
-from core.job import DATASET_RECORD
 from core.model import ModelConfig
+from core.rundir import BUNDLE_FILE, CHECKPOINT_FILE, DATASET_RECORD_FILE
 from core.split import source_from_record
 from core.step import OnDevice, get_preds, make_loss
-from core.train import BUNDLE, CHECKPOINT, TrainConfig, valid_metrics
+from core.train import TrainConfig, valid_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 240
@@ -85,9 +85,9 @@ def test_sharding_gives_every_rank_the_same_count_and_covers_every_item():
 def test_ddp_run_is_done_and_its_directory_written_once(ddp_run):
     run_dir, _ = ddp_run
     assert runs.status(run_dir)["state"] == runs.DONE
-    for name in (BUNDLE, DATASET_RECORD, "interpret_valid.parquet", "interpret_train.parquet"):
+    for name in (BUNDLE_FILE, DATASET_RECORD_FILE, "interpret_valid.parquet", "interpret_train.parquet"):
         assert (run_dir / name).exists(), name
-    assert not (run_dir / CHECKPOINT).exists()  # a finished run cannot be resumed: no checkpoint kept
+    assert not (run_dir / CHECKPOINT_FILE).exists()  # a finished run cannot be resumed: no checkpoint kept
     evs = events(run_dir)
     kinds = [e["event"] for e in evs]
     assert kinds.count("start") == 1 and kinds.count("done") == 1 and kinds.count("exported") == 1
@@ -96,7 +96,7 @@ def test_ddp_run_is_done_and_its_directory_written_once(ddp_run):
     steps = [e["step"] for e in evs if e["event"] == "batch"]
     assert steps == sorted(set(steps))
     # per-item losses gathered from both ranks: every training item, once
-    record = read_json(run_dir / DATASET_RECORD)
+    record = read_json(run_dir / DATASET_RECORD_FILE)
     train_ids = {i for i, item in enumerate(record["items"]) if item["split"] == "train"}
     for epoch in (0, 1):
         saved = np.load(run_dir / "item_losses" / f"epoch_{epoch:03d}.npz")
@@ -116,10 +116,10 @@ def test_validation_metrics_equal_one_process_evaluating_the_saved_model(ddp_run
     run_dir, _ = ddp_run
     last = [e for e in events(run_dir) if e["event"] == "epoch"][-1]
     cfg = TrainConfig.from_dict(read_json(run_dir / runs.CONFIG_FILE))
-    source, split = source_from_record(read_json(run_dir / DATASET_RECORD))
+    source, split = source_from_record(read_json(run_dir / DATASET_RECORD_FILE))
     valid = make_loader(source, split.valid, cfg.data, train=False)
     on_device = OnDevice.for_config(cfg, torch.device("cpu"))
-    model = on_device.place(load_bundle(run_dir / BUNDLE, device="cpu").model)
+    model = on_device.place(load_bundle(run_dir / BUNDLE_FILE, device="cpu").model)
     row = valid_metrics(get_preds(model, valid, on_device, make_loss(cfg, source.multi_label)), source.multi_label, cfg)
     assert abs(row["valid_loss"] - last["valid_loss"]) < 1e-4
     assert abs(row["error_rate"] - last["error_rate"]) < 1e-4

@@ -11,7 +11,7 @@ from conftest import failed_after, one_torch_thread, open_app_page
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from core import job, runs
+from core import job, rundir, runs
 from core.data import DataConfig
 from core.demo import DemoSpec, make_demo_dataset
 from core.feedback import digest_of
@@ -98,7 +98,7 @@ def test_one_image_gives_a_bar_chart_and_wrong_answers_become_feedback(home: Pat
     data = png(image)
     at = open_predict()
     assert at.selectbox(key="predict_model").value == run_dir.name
-    sides = Counter(item["split"] for item in read_json(run_dir / job.DATASET_RECORD)["items"])
+    sides = Counter(item["split"] for item in read_json(run_dir / rundir.DATASET_RECORD_FILE)["items"])
     split = f"random 20% split per class, seed 42: {sides['train']} train · {sides['valid']} valid"
     assert any(split in c.value for c in at.caption)  # the split the model was trained and validated on
     at.file_uploader(key="predict_files").set_value((image.name, data, "image/png")).run()

@@ -12,13 +12,14 @@ import torch
 from conftest import one_torch_thread, open_app_page
 from streamlit.testing.v1 import AppTest
 
-from core import job, runs
+from core import job, rundir, runs
 from core.data import DataConfig, prepare
 from core.demo import DemoSpec, make_demo_dataset
 from core.fileio import atomic_write_json
 from core.model import ModelConfig
+from core.rundir import CHECKPOINT_FILE
 from core.split import source_record
-from core.train import CHECKPOINT, TrainConfig
+from core.train import TrainConfig
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 TABLE_KEY = "runs_table"
@@ -135,7 +136,7 @@ def test_the_data_line_tells_the_split_the_run_used(home: Path, write_image):
     run_dir = runs.create(settings, root=home / "runs")
     runs.mark_finished(run_dir, runs.DONE)
     source, _, split = prepare(DataConfig(**settings["data"]))  # the record a run writes when it reads its data
-    atomic_write_json(run_dir / job.DATASET_RECORD, source_record(source, split))
+    atomic_write_json(run_dir / rundir.DATASET_RECORD_FILE, source_record(source, split))
     at = select(open_runs(), run_dir.name)
     (line,) = [m.value for m in at.markdown if m.value.startswith("**Settings**")]  # TrainConfig.summary
     assert line.endswith("train/ and val/ folders: 6 train · 4 valid (40%)")
@@ -167,7 +168,7 @@ def test_the_table_shows_the_exported_epoch_not_the_best_one_seen(home: Path):
 
 def test_disk_use_is_shown_and_a_checkpoint_can_be_deleted(home: Path):
     stopped = fake_run(home, state=runs.STOPPED)
-    torch.save({"model": torch.nn.Linear(256, 256).state_dict()}, stopped / CHECKPOINT)  # what Resume would load
+    torch.save({"model": torch.nn.Linear(256, 256).state_dict()}, stopped / CHECKPOINT_FILE)  # what Resume would load
     at = open_runs()
     disk = at.dataframe[0].value.set_index("id")["disk"]
     assert disk[stopped.name] == pytest.approx(runs.disk_usage(stopped) / 2**20) and disk[stopped.name] > 0.2
@@ -176,7 +177,7 @@ def test_disk_use_is_shown_and_a_checkpoint_can_be_deleted(home: Path):
     assert "Resume** is no longer possible" in button.help
     button.click().run()
     assert not at.exception, at.exception
-    assert not (stopped / CHECKPOINT).exists() and (stopped / runs.CONFIG_FILE).exists()
+    assert not (stopped / CHECKPOINT_FILE).exists() and (stopped / runs.CONFIG_FILE).exists()
     assert any("MB freed" in s.value for s in at.success)
     assert not any(b.key == "runs_drop_checkpoint" for b in at.button)
 

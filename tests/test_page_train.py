@@ -21,8 +21,9 @@ from core.data import DataConfig
 from core.demo import DemoSpec, make_demo_dataset
 from core.env import runs_dir
 from core.fileio import read_json
-from core.job import DATASET_RECORD, load_lr_find, run_training
+from core.job import load_lr_find, run_training
 from core.model import ModelConfig, pretrained_available, pretrained_cache_path
+from core.rundir import DATASET_RECORD_FILE
 from core.train import TrainConfig
 from ui.train_form import FORM_FIELDS, build_config, form_values
 
@@ -303,7 +304,7 @@ def test_a_finished_run_shows_its_curves_table_and_hardest_images(trained, monke
     traces = [t for c in at.get("plotly_chart") for t in json.loads(c.proto.spec)["data"]]
     assert next(t["text"] for t in traces if t.get("name") == "valid (epoch)") == ["epoch 1", "epoch 2"]
     assert "Done" in texts(at, "success")
-    sides = Counter(item["split"] for item in read_json(run_dir / DATASET_RECORD)["items"])
+    sides = Counter(item["split"] for item in read_json(run_dir / DATASET_RECORD_FILE)["items"])
     split = f"random 20% split per class, seed 42: {sides['train']} train · {sides['valid']} valid"
     assert split in texts(at, "caption")  # the split the run used, from its dataset record
     assert len(at.get("image")) >= 1  # hardest training images of the last epoch

@@ -30,12 +30,12 @@ from core.data import DataConfig, make_dataloaders, prepare
 from core.demo import DemoSpec, make_demo_dataset
 from core.fileio import atomic_write, atomic_write_json, read_json
 from core.images import HEIF_REASON, DataError, check_image, open_image, verify_images
-from core.job import DATASET_RECORD
 from core.layouts import detect_layout, load_source
 from core.listing import list_images, path_text
+from core.rundir import CHECKPOINT_FILE, DATASET_RECORD_FILE
 from core.runlist import list_runs
 from core.thumbs import thumbnail
-from core.train import CHECKPOINT, Learner, load_checkpoint, setup_training
+from core.train import Learner, load_checkpoint, setup_training
 
 REPO = Path(__file__).resolve().parents[1]
 APP = str(REPO / "app.py")
@@ -155,7 +155,7 @@ def test_odd_file_names_train_and_every_run_file_is_written(tmp_path: Path, home
     result = core_cli("train", root, "--run-dir", run, "--epochs", "1", *TINY_CLI, home=home)
     assert result.returncode == 0, result.stderr
     assert runs.status(run)["state"] == runs.DONE
-    record = read_json(run / DATASET_RECORD)
+    record = read_json(run / DATASET_RECORD_FILE)
     assert {"cat/" + BAD_UTF8, "dog/" + UNICODE} <= {item["file"] for item in record["items"]}  # exact names
     tables = [interpret.load_table(interpret.table_path(run, split)) for split in ("train", "valid")]
     shown = {Path(f).name for table in tables for f in table["file"]}
@@ -271,7 +271,7 @@ def test_sigterm_ends_the_run_within_one_batch_with_a_checkpoint(tmp_path: Path,
     assert final["state"] == runs.STOPPED, (run / runs.LOG_FILE).read_text()
     batches = runs.load_events(run, "batch")
     assert len([b for b in batches if b["time"] >= sent]) <= 1  # the flag is seen at the next batch boundary
-    state = torch.load(run / CHECKPOINT, map_location="cpu", weights_only=True)
+    state = torch.load(run / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
     assert (state["epoch"], state["batch"]) == (batches[-1]["epoch"], batches[-1]["batch"])
     assert runs.load_events(run)[-1]["event"] == "stopped" and len(runs.load_events(run, "epoch")) < 3
 
@@ -315,7 +315,7 @@ def test_too_little_free_space_fails_the_run_before_any_training(tmp_path: Path,
         [error] = runs.load_events(run, "error")
         assert "MB free" in error["message"]
         assert not runs.load_events(run, "start") and not runs.load_events(run, "lr_find")
-        assert not (run / CHECKPOINT).exists()
+        assert not (run / CHECKPOINT_FILE).exists()
 
 
 def test_cli_refuses_a_run_dir_it_cannot_use_with_one_line(tmp_path: Path, home: Path, demo: Path):
@@ -331,7 +331,7 @@ def test_cli_refuses_a_run_dir_it_cannot_use_with_one_line(tmp_path: Path, home:
 
 
 def test_a_crash_while_writing_a_checkpoint_keeps_the_old_one_and_no_temp_file(tmp_path: Path):
-    target = tmp_path / CHECKPOINT
+    target = tmp_path / CHECKPOINT_FILE
     torch.save({"weights": torch.arange(1000.0)}, target)
     good = target.read_bytes()
 
@@ -344,7 +344,7 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_old_one_and_no_temp_file(t
     with pytest.raises(OSError, match="No space left"):
         atomic_write(target, half_then_disk_full)
     assert target.read_bytes() == good
-    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT]
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_FILE]
     assert torch.equal(torch.load(target, weights_only=True)["weights"], torch.arange(1000.0))
 
 
@@ -387,7 +387,7 @@ def test_files_cleaned_away_during_a_run_are_skipped_and_reported(tmp_path: Path
     run = runs.create(tiny_config(data, epochs=3).to_dict(), root=tmp_path / "runs")
     launch(run, background)
     until(lambda: runs.load_events(run, "epoch"), run=run)
-    items = read_json(run / DATASET_RECORD)["items"]
+    items = read_json(run / DATASET_RECORD_FILE)["items"]
     moved = [item["file"] for item in items if item["split"] == "train"][:3]
     result = apply_changes(data, [Change(data / f, "delete") for f in moved], layout="folders")
     assert len(result.applied) == 3 and not any((data / f).exists() for f in moved)

@@ -13,14 +13,15 @@ from core import interpret, runs
 from core.bundle import load_bundle
 from core.data import DataConfig
 from core.demo import DemoSpec, make_demo_dataset, mislabelled_files
-from core.job import DATASET_RECORD, interpret_run, run_training
+from core.job import interpret_run, run_training
 from core.lrfind import lr_find, minimum, slide, steep, suggest, valley
 from core.model import ModelConfig
+from core.rundir import DATASET_RECORD_FILE
 from core.schedule import Phase, apply_rates, lr_at, plan
 from core.step import make_optimizer
 from core.train import (
-    BUNDLE,
-    CHECKPOINT,
+    BUNDLE_FILE,
+    CHECKPOINT_FILE,
     Learner,
     StopRequested,
     TrainConfig,
@@ -159,9 +160,9 @@ def test_plateau_cuts_the_rate_as_pytorchs_reduce_on_plateau():
 
 
 def test_a_run_writes_every_file_and_event(finished_run):
-    for name in ("config.json", "status.json", "events.jsonl", BUNDLE, DATASET_RECORD):
+    for name in ("config.json", "status.json", "events.jsonl", BUNDLE_FILE, DATASET_RECORD_FILE):
         assert (finished_run / name).exists(), name
-    assert not (finished_run / CHECKPOINT).exists()  # only a run that can be resumed keeps one (~1.5x the model)
+    assert not (finished_run / CHECKPOINT_FILE).exists()  # only a run that can be resumed keeps one (~1.5x the model)
     assert runs.status(finished_run)["state"] == runs.DONE
     kinds = [e["event"] for e in runs.load_events(finished_run)]
     assert kinds[0] == "start" and kinds[-1] == "done"
@@ -220,7 +221,7 @@ def test_exported_bundle_predicts_like_the_interpretation_table(finished_run):
     from core.images import open_image
 
     table = interpret.load_table(interpret.table_path(finished_run, "valid"))
-    bundle = load_bundle(finished_run / BUNDLE, device="cpu")
+    bundle = load_bundle(finished_run / BUNDLE_FILE, device="cpu")
     rows = table.head(5)
     probs = predict_probs(bundle, [open_image(f) for f in rows["file"]]).numpy()
     assert np.allclose(probs, interpret.table_probs(rows, bundle.meta.vocab), atol=1e-4)
@@ -241,7 +242,7 @@ def test_stop_then_resume_matches_an_uninterrupted_run(shapes, tmp_path):
     first = make_learner(cfg, run_dir=tmp_path, should_stop=stop_after_seven_batches)
     with pytest.raises(StopRequested):
         first.fit()
-    state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    state = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
     assert (state["epoch"], state["batch"]) == (1, 1)
     resumed = make_learner(cfg, run_dir=tmp_path)
     resumed.fit(state)
@@ -255,10 +256,10 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(shapes, tm
     run_dir = runs.create(tiny_config(shapes, epochs=3, lr=1e-2).to_dict(), root=tmp_path)
     learner = make_learner(tiny_config(shapes, epochs=3, lr=1e-2), run_dir=run_dir)
     learner.fit_one_cycle(1, 1e-2)
-    good = (run_dir / CHECKPOINT).read_bytes()
+    good = (run_dir / CHECKPOINT_FILE).read_bytes()
     with pytest.raises(TrainingDiverged, match="learning rate .* too high"):
         learner.fit_one_cycle(2, 1e6)
-    assert (run_dir / CHECKPOINT).read_bytes() == good
+    assert (run_dir / CHECKPOINT_FILE).read_bytes() == good
 
 
 def test_a_diverging_run_ends_failed_with_the_reason(shapes, tmp_path):
@@ -284,7 +285,7 @@ def test_fine_tune_freezes_then_trains_everything(shapes):
 def test_progressive_resizing_starts_from_the_previous_run(finished_run, shapes):
     cfg = tiny_config(shapes, epochs=1, init_from=str(finished_run), data={"size": 48})
     learner = make_learner(cfg)
-    source = load_bundle(finished_run / BUNDLE, device="cpu").model.state_dict()
+    source = load_bundle(finished_run / BUNDLE_FILE, device="cpu").model.state_dict()
     for key, value in learner.model.state_dict().items():
         assert torch.equal(value.cpu(), source[key]), key
     x, y, _ = next(iter(learner.dls.train))
@@ -300,7 +301,7 @@ def test_continuing_from_a_run_needs_no_imagenet_weights(finished_run, shapes, t
     cfg = tiny_config(shapes, epochs=1, init_from=str(finished_run))
     cfg.model.pretrained = True
     learner = make_learner(cfg)
-    source = load_bundle(finished_run / BUNDLE, device="cpu").model.state_dict()
+    source = load_bundle(finished_run / BUNDLE_FILE, device="cpu").model.state_dict()
     assert all(torch.equal(v.cpu(), source[k]) for k, v in learner.model.state_dict().items())
 
 
@@ -323,7 +324,7 @@ def test_early_stopping_and_keep_best(shapes, tmp_path):
     epochs = runs.load_events(run_dir, "epoch")
     assert len(epochs) < 6 and runs.load_events(run_dir, "early_stop")
     assert "best_weights" in [e["event"] for e in runs.load_events(run_dir)]
-    assert not (run_dir / "best.pt").exists() and not (run_dir / CHECKPOINT).exists()  # done: nothing to resume
+    assert not (run_dir / "best.pt").exists() and not (run_dir / CHECKPOINT_FILE).exists()  # done: nothing to resume
     first_lowest = min(range(len(epochs)), key=lambda i: epochs[i]["valid_loss"])
     assert runs.exported_epoch(runs.load_events(run_dir)) == (first_lowest, "best")
 
@@ -362,7 +363,7 @@ def test_multi_label_run_reports_fbeta(multi_label_data, tmp_path):
     assert last["fbeta_2"] > 0.8, last
     table = interpret.load_table(interpret.table_path(run_dir, "valid"))
     assert interpret.is_multi_label(table)
-    assert load_bundle(run_dir / BUNDLE, device="cpu").meta.task == "multi_label"
+    assert load_bundle(run_dir / BUNDLE_FILE, device="cpu").meta.task == "multi_label"
 
 
 # ---------------------------------------------------------------- LR finder
