@@ -16,12 +16,10 @@ from core.demo import DemoSpec, make_demo_dataset, mislabelled_files
 from core.job import interpret_run, run_training
 from core.lrfind import lr_find, minimum, slide, steep, suggest, valley
 from core.model import ModelConfig
-from core.rundir import DATASET_RECORD_FILE
+from core.rundir import BUNDLE_FILE, CHECKPOINT_FILE, DATASET_RECORD_FILE
 from core.schedule import Phase, apply_rates, lr_at, plan
 from core.step import make_optimizer
 from core.train import (
-    BUNDLE_FILE,
-    CHECKPOINT_FILE,
     Learner,
     StopRequested,
     TrainConfig,
