@@ -1,4 +1,4 @@
-"""The command line: python -m core train|lr-find|interpret|predict|demo ...
+"""The command line: python -m core train|lr-find|check-labels|interpret|predict|demo ...
 
 Exit codes: 0 done (or stopped on request), 1 the run failed, 2 bad arguments or input.
 """
@@ -15,7 +15,7 @@ from core.data import LAYOUTS, DataConfig
 from core.images import DataError
 from core.layouts import detect_layout
 from core.model import ARCHS, ModelConfig
-from core.rundir import LR_FIND, TRAIN, RunDir
+from core.rundir import CHECK_LABELS, LR_FIND, TRAIN, RunDir
 from core.train import SCHEDULES, TrainConfig
 
 
@@ -170,6 +170,37 @@ def cmd_lr_find(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_labels(a: argparse.Namespace) -> int:
+    from core import distributed
+    from core.labelcheck import CheckSettings, print_top, read_issues, run_label_check, write_settings
+
+    settings = CheckSettings(folds=a.folds, epochs=a.fold_epochs)  # refused before any directory is made
+    if distributed.DistInfo.from_env().enabled:
+        if a.data is not None:
+            raise DataError("Under torchrun, give only --run-dir of a check made with --create-only (or use --gpus).")
+        return run_label_check(a.run_dir, resume=a.resume)
+    run_dir = RunDir(_prepare_run_dir(a, CHECK_LABELS))
+    if a.data is not None:
+        write_settings(run_dir, settings)
+    elif not run_dir.label_check.exists():
+        raise DataError(f"{run_dir.path} is not a label check (it has no {run_dir.label_check.name}).")
+    if a.create_only:
+        print(run_dir.path)
+        return 0
+    if a.gpus > 1:
+        import os
+        import subprocess
+
+        command = runs._command(run_dir.path.absolute(), ["--resume"] if a.resume else [], a.gpus, "core",
+                                CHECK_LABELS)
+        code = subprocess.run(command, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+    else:
+        code = run_label_check(run_dir.path, resume=a.resume)
+    if code == 0 and run_dir.label_issues.exists() and runs.read_status(run_dir).get("state") == runs.DONE:
+        print_top(read_issues(run_dir))
+    return code
+
+
 def cmd_interpret(a: argparse.Namespace) -> int:
     from core import interpret
     from core.job import interpret_run
@@ -233,6 +264,17 @@ def parser() -> argparse.ArgumentParser:
     lrf.add_argument("--start-lr", type=float, default=1e-7)
     lrf.add_argument("--end-lr", type=float, default=10.0)
     lrf.set_defaults(func=cmd_lr_find, resume=False)
+
+    check = sub.add_parser(CHECK_LABELS, help="K-fold out-of-sample predictions scored for label issues; writes "
+                           "label_issues.csv in the run directory")
+    _data_and_model_args(check)
+    check.add_argument("--folds", type=int, default=5, help="K: every image is predicted by a model trained on "
+                       "the other K-1 folds (2-10)")
+    check.add_argument("--fold-epochs", type=int, help="epochs each fold trains (default: --epochs)")
+    check.add_argument("--resume", action="store_true", help="continue a stopped check (folds done are kept)")
+    check.add_argument("--gpus", type=int, default=1, help="processes (GPUs): above 1 under torchrun (DDP)")
+    check.add_argument("--create-only", action="store_true", help="write the run directory, print it, run nothing")
+    check.set_defaults(func=cmd_check_labels)
 
     interp = sub.add_parser("interpret", help="top losses and most-confused pairs of a finished run")
     interp.add_argument("--run-dir", type=Path, required=True)

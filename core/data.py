@@ -264,6 +264,15 @@ def make_dataloaders(
 ) -> DataLoaders:
     """DataLoaders over the verified, split dataset at `cfg.path` (this rank's shards under DDP)."""
     source, bad, split = prepare(cfg)
+    return loaders_for(source, split, bad, cfg, device, rank, world_size)
+
+
+def loaders_for(
+    source: DataSource, split: Split, bad: list[BadImage], cfg: DataConfig, device: torch.device | None = None,
+    rank: int = 0, world_size: int = 1,
+) -> DataLoaders:
+    """DataLoaders over items already verified (`prepare`) for one split of them: a run's split, or one fold of
+    a label check (core.labelcheck), which verifies the data once and trains on several splits of it."""
     if len(source.vocab) < 2 and not source.multi_label:
         raise DataError(f"Found only one class ({source.vocab[0]!r}); a classifier needs at least two.")
     if len(split.train) == 0:

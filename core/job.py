@@ -137,7 +137,7 @@ class Reporter:
             self.bar(fields["batch"], fields["n_batches"], fields["loss"])
 
 
-class _Signals:
+class Signals:
     """SIGTERM (and SIGINT in a terminal) only set a flag; the loop stops at the next batch boundary."""
 
     def __init__(self):
@@ -165,7 +165,7 @@ def run_training(run_dir: str | Path, resume: bool = False) -> int:
         sys.stdout.flush()
     writer = runs.EventWriter(run_dir) if info.main else None
     report = Reporter(writer) if info.main else (lambda kind, **fields: None)
-    signals = _Signals()
+    signals = Signals()
     try:
         check_run_dir(run_dir)  # before queueing for the compute: a full disk fails the run at once
         cfg = load_config(run_dir)

@@ -16,6 +16,12 @@ look at a run without paying for PyTorch.
   dataset.json         every item, label and side of the split, as the run saw them
   item_losses/epoch_NNN.npz   each training item's loss per epoch (epochs from 0)
   interpret_<split>.parquet   the per-item interpretation table of one split
+
+A label check (task "check-labels") holds, besides config.json, status.json, events.jsonl and dataset.json:
+  label_check.json     its settings (folds, epochs per fold) and, once started, the fold of every item
+  folds/fold_K/        one fold's training (K from 1): checkpoint.pt while it trains, item_losses/, and
+                       heldout.parquet, the held-out items' out-of-sample item table (the fold is done)
+  label_issues.csv     one row per image, most likely mislabelled first (core.labelscore)
 """
 
 from __future__ import annotations
@@ -38,11 +44,16 @@ BUNDLE_FILE = "model.safetensors"
 LR_FIND_FILE = "lr_find.json"
 DATASET_RECORD_FILE = "dataset.json"
 ITEM_LOSSES_DIR = "item_losses"
+LABEL_CHECK_FILE = "label_check.json"
+FOLDS_DIR = "folds"
+HELDOUT_FILE = "heldout.parquet"
+LABEL_ISSUES_FILE = "label_issues.csv"
 COMPUTE_LOCK_FILE = ".compute.lock"  # in the runs root, shared by every run under it
 
 TRAIN = "train"
 LR_FIND = "lr-find"  # the same word as the command line's `python -m core lr-find`
-TASKS = (TRAIN, LR_FIND)
+CHECK_LABELS = "check-labels"  # K-fold out-of-sample predictions scored for label issues
+TASKS = (TRAIN, LR_FIND, CHECK_LABELS)
 
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -129,9 +140,28 @@ class RunDir:
     def has_model(self) -> bool:
         return self.bundle.is_file()
 
+    @property
+    def label_check(self) -> Path:
+        return self.path / LABEL_CHECK_FILE
+
+    @property
+    def label_issues(self) -> Path:
+        return self.path / LABEL_ISSUES_FILE
+
+    def fold(self, k: int) -> RunDir:
+        """Fold k's own directory (k from 1), laid out like a run: its checkpoint and item losses."""
+        return RunDir(self.path / FOLDS_DIR / f"fold_{k}")
+
+    @property
+    def heldout(self) -> Path:
+        """In a fold's directory: the held-out items' item table, written when the fold is done."""
+        return self.path / HELDOUT_FILE
+
     def resume_files(self) -> list[Path]:
-        """What only a resume needs and that is there: the checkpoint and best.pt."""
-        return [p for p in (self.checkpoint, self.best_weights) if p.is_file()]
+        """What only a resume needs and that is there: the checkpoint and best.pt (a label check's: those of its
+        folds)."""
+        folds = sorted((self.path / FOLDS_DIR).glob(f"fold_*/{CHECKPOINT_FILE}"))
+        return [p for p in (self.checkpoint, self.best_weights, *folds) if p.is_file()]
 
 
 def task_of(run: RunDir | str | os.PathLike, status: dict[str, Any]) -> str:
@@ -146,6 +176,11 @@ def task_of(run: RunDir | str | os.PathLike, status: dict[str, Any]) -> str:
 def is_lr_find(run: RunDir | str | os.PathLike, status: dict[str, Any]) -> bool:
     """Is this run an LR-finder sweep rather than a training run? Decided here only."""
     return task_of(run, status) == LR_FIND
+
+
+def is_label_check(run: RunDir | str | os.PathLike, status: dict[str, Any]) -> bool:
+    """Is this run a label check (K-fold out-of-sample predictions) rather than a training run?"""
+    return task_of(run, status) == CHECK_LABELS
 
 
 def has_checkpoint(run_dir: str | os.PathLike) -> bool:

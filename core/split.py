@@ -53,7 +53,7 @@ def split_items(source: DataSource, cfg: DataConfig) -> Split:
         return Split.from_sides(source.fixed_split)
     rng = np.random.default_rng(cfg.seed)
     strata = [ls[0] if len(ls) == 1 else " ".join(sorted(ls)) for ls in source.labels]
-    groups = _group_keys(source, cfg)
+    groups = group_keys(source, cfg)
     if groups is not None:
         valid = _group_split(groups, strata if cfg.stratify else None, cfg.valid_pct, rng)
     elif cfg.stratify:
@@ -66,7 +66,7 @@ def split_items(source: DataSource, cfg: DataConfig) -> Split:
     return Split(np.flatnonzero(~is_valid), np.flatnonzero(is_valid))
 
 
-def _group_keys(source: DataSource, cfg: DataConfig) -> list[str] | None:
+def group_keys(source: DataSource, cfg: DataConfig) -> list[str] | None:
     if source.groups is not None:
         return source.groups
     if not cfg.group_regex:

@@ -79,13 +79,14 @@ class Setup:
     dist: distributed.DistInfo = field(default_factory=distributed.DistInfo)
 
 
-def setup_training(cfg: TrainConfig) -> Setup:
+def setup_training(cfg: TrainConfig, dls: DataLoaders | None = None) -> Setup:
     """Join the process group (under torchrun; a no-op alone), seed, check and load the data, and build the model
-    on the device: from ImageNet weights, or from init_from's run when warm-starting."""
+    on the device: from ImageNet weights, or from init_from's run when warm-starting. With `dls` given (a label
+    check's fold, over data verified once) the data is not loaded again."""
     dist = distributed.DistInfo.from_env()
     device = distributed.setup(resolve_device(cfg.device))
     seed_everything(cfg.data.seed)
-    dls = make_dataloaders(cfg.data, device, dist.rank, dist.world_size)
+    dls = dls or make_dataloaders(cfg.data, device, dist.rank, dist.world_size)
     # Warm-started, the body comes from the run (init_from), so ImageNet weights would be fetched for nothing.
     start = replace(cfg.model, pretrained=False, weights_path=None) if cfg.init_from else cfg.model
     model = build_model(start, len(dls.vocab))
