@@ -4,6 +4,7 @@
     .venv/bench/bin/python bench/label_noise.py --data shapes --flips lookalike
     .venv/bench/bin/python bench/label_noise.py --data ../shared/data/bears --flips lookalike \\
         --pairs black:grizzly,grizzly:black
+    .venv/bench/bin/python bench/label_noise.py --only loupe loupe-check --folds 5 --fold-epochs 3
 
 The dataset (one folder per class; `shapes` generates the demo's five shapes with the square drawn in
 the circle's colour and the cross in the star's: two look-alike pairs) is copied into a temporary folder
@@ -13,12 +14,18 @@ trains on that copy in a child process of its own (same model, size, batch, epoc
 no augmentation unless --aug) and returns a score per file (higher = more likely mislabelled) and the files
 it flags. This process prints, per contender and seed: recall@k (k = the number of flips: the share of
 flips among the k highest scores), recall@2k, precision and recall of the flagged set (for the in-sample
-rankings: the images whose prediction differs from their label), AUROC, the valid error (against the
-given, partly flipped labels) and the seconds it took.
+rankings: the images whose prediction differs from their label; for the label check: cleanlab's
+confident-learning issues), AUROC, the valid error (against the given, partly flipped labels; for the label
+check: the out-of-sample error over all folds), the seconds it took and, when `loupe` (one training run of
+the same config) ran for the seed, those seconds over its seconds ("x train"; --time-train adds `loupe`).
 
 A contender is one function `(data_dir, args, work_dir) -> dict` in CONTENDERS returning
-`{"scores": {file: score}, "flagged": [file, ...], "valid_error": float, ...}`, files relative to
-data_dir as on disk; a new ranking (a K-fold check, cleanlab) is one more such function.
+`{"scores": {file: score}, "flagged": [file, ...] or None, "valid_error": float, "extra": {name: {...}}}`,
+files relative to data_dir as on disk; each entry of the optional "extra" is one more ranking of the same
+training (its own table row): `loupe-check` (Loupe's K-fold label check) brings cleanlab's own
+find_label_issues (`cleanlab-cl`), normalized margin (`check-margin`), the folds' training dynamics
+(`check-dynamics`) and the mean rank percentile of score and dynamics (`check-combined`), all on the
+check's out-of-sample probabilities.
 """
 
 from __future__ import annotations
@@ -138,6 +145,16 @@ def loupe_config(data: Path, a: argparse.Namespace) -> dict:
     return cfg
 
 
+def _quietly(log: Path, run) -> int:
+    """run() with its printing (the epoch tables) sent to `log`, out of this process's output."""
+    with open(log, "w") as out:
+        saved, sys.stdout = sys.stdout, out
+        try:
+            return run()
+        finally:
+            sys.stdout = saved
+
+
 def loupe(data: Path, a: argparse.Namespace, work: Path) -> dict:
     """Loupe's in-sample losses as the Clean page ranks them: a training run's train and valid tables."""
     from core import interpret, runs
@@ -145,13 +162,7 @@ def loupe(data: Path, a: argparse.Namespace, work: Path) -> dict:
 
     run_dir = work / "runs" / "loupe"
     runs.create_in(run_dir, loupe_config(data, a))
-    with open(work / "loupe.log", "w") as log:  # the epoch table, kept out of this process's JSON line
-        saved, sys.stdout = sys.stdout, log
-        try:
-            code = run_training(run_dir)
-        finally:
-            sys.stdout = saved
-    if code != 0:
+    if _quietly(work / "loupe.log", lambda: run_training(run_dir)) != 0:
         raise RuntimeError(f"Loupe's run failed: {(run_dir / 'status.json').read_text()}")
     tables = {s: interpret.load_table(interpret.table_path(run_dir, s)) for s in ("train", "valid")}
     both = pd.concat(tables.values(), ignore_index=True)
@@ -195,7 +206,55 @@ def fastai(data: Path, a: argparse.Namespace, work: Path) -> dict:
     return {"scores": scores, "flagged": flagged, "valid_error": valid_error}
 
 
-CONTENDERS = {"loupe": loupe, "fastai": fastai}
+def loupe_check(data: Path, a: argparse.Namespace, work: Path) -> dict:
+    """Loupe's label check (check-labels): --folds folds of loupe_config (at --fold-epochs), ranked by
+    label_issues.csv's score, flagged where its `issue` is true; other rankings of the same folds as extras."""
+    from core.config import TrainConfig
+    from core.labelcheck import CheckSettings, create_check, out_of_sample_table, read_issues, run_label_check
+
+    run_dir = work / "runs" / "check"
+    create_check(TrainConfig.from_dict(loupe_config(data, a)), CheckSettings(a.folds, a.fold_epochs), run_dir)
+    if _quietly(work / "check.log", lambda: run_label_check(run_dir)) != 0:
+        raise RuntimeError(f"Loupe's label check failed: {(run_dir / 'status.json').read_text()}")
+    issues, table = read_issues(run_dir), out_of_sample_table(run_dir)
+    return {
+        "scores": dict(zip(issues["file"], issues["score"].astype(float))),
+        "flagged": list(issues["file"][issues["issue"]]),
+        "valid_error": float(1 - table["correct"].mean()),
+        "extra": check_rankings(data, issues, table),
+    }
+
+
+def check_rankings(data: Path, issues: pd.DataFrame, table: pd.DataFrame) -> dict:
+    """The check's out-of-sample probabilities ranked other ways: cleanlab's own find_label_issues (Loupe's
+    wiring checked against it), normalized margin, training dynamics, and score and dynamics combined."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    from core.interpret import table_probs
+
+    vocab = list(table.attrs["vocab"])
+    probs = table_probs(table, vocab)
+    probs = probs / probs.sum(axis=1, keepdims=True)
+    labels = np.array([vocab.index(c) for c in table["actual"]])
+    files = [Path(f).relative_to(data).as_posix() for f in table["file"]]
+    ranked = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence", n_jobs=1)
+    dynamics = issues.set_index("file").loc[files, "dynamics"].to_numpy(dtype=float)
+    score = 1 - get_label_quality_scores(labels, probs, method="self_confidence")
+    combined = (pd.Series(score).rank(pct=True) + pd.Series(dynamics).rank(pct=True)) / 2
+
+    def ranking(scores, flagged=None) -> dict:
+        return {"scores": dict(zip(files, map(float, scores))), "flagged": flagged}
+
+    return {
+        "cleanlab-cl": ranking(score, [files[i] for i in ranked]),
+        "check-margin": ranking(1 - get_label_quality_scores(labels, probs, method="normalized_margin")),
+        "check-dynamics": ranking(dynamics),
+        "check-combined": ranking(combined),
+    }
+
+
+CONTENDERS = {"loupe": loupe, "fastai": fastai, "loupe-check": loupe_check}
 
 
 # ---------------------------------------------------------------- scoring
@@ -218,13 +277,14 @@ def evaluate(result: dict, flipped: list[str]) -> dict:
     positive = np.array([f in truth for f in files])
     order = np.argsort(-scores, kind="stable")
     k = len(truth)
-    flagged = set(result["flagged"])
+    flagged = set(result["flagged"] or ())
+    flags = result["flagged"] is not None  # a score without a flagged set (dynamics): no flag columns
     return {
         "recall@k": positive[order[:k]].mean(),
         "recall@2k": positive[order[: 2 * k]].sum() / k,
-        "precision": len(flagged & truth) / max(len(flagged), 1),
-        "flag_recall": len(flagged & truth) / k,
-        "flagged": len(flagged),
+        "precision": len(flagged & truth) / max(len(flagged), 1) if flags else float("nan"),
+        "flag_recall": len(flagged & truth) / k if flags else float("nan"),
+        "flagged": len(flagged) if flags else float("nan"),
         "auroc": auroc(scores, positive),
         "valid_error": result.get("valid_error", float("nan")),
         "seconds": result["seconds"],
@@ -263,6 +323,10 @@ def main() -> int:
     p.add_argument("--aug", action="store_true", help="each tool's default augmentation (default: none)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of Loupe's TrainConfig, e.g. data.flip=false (repeatable)")
+    p.add_argument("--folds", type=int, default=5, help="loupe-check: K")
+    p.add_argument("--fold-epochs", type=int, help="loupe-check: epochs each fold trains (default: --epochs)")
+    p.add_argument("--time-train", action="store_true",
+                   help="also run `loupe` (one training run) when --only leaves it out, for the time ratio")
     p.add_argument("--threads", type=int, default=1, help="torch threads per contender")
     p.add_argument("--json", type=Path, help="also write every result here")
     for hidden in ("--worker", "--seed", "--work", "--out"):
@@ -273,8 +337,9 @@ def main() -> int:
         run_worker(a)
         return 0
 
+    if a.time_train and "loupe" not in a.only:
+        a.only.insert(0, "loupe")
     work = Path(tempfile.mkdtemp(prefix="loupe-label-noise-"))
-    env = {**os.environ, "LOUPE_HOME": str(work / "home"), "OMP_NUM_THREADS": str(a.threads)}
     try:
         if a.data == "shapes":
             src = make_shapes(work / "shapes-clean", a.n_per_class, a.plant_seed)
@@ -289,7 +354,8 @@ def main() -> int:
         print(f"data: {n} images, {len(flipped)} planted flips ({a.flips}"
               f"{', ' + a.pairs if a.flips == 'lookalike' else ''}); {a.arch} from scratch, {a.size} px, "
               f"batch {a.bs}, {a.epochs} epochs one-cycle at {a.lr:g}, augmentation {'on' if a.aug else 'off'}"
-              f"{', loupe overrides ' + ' '.join(a.set) if a.set else ''}", flush=True)
+              f"{', loupe overrides ' + ' '.join(a.set) if a.set else ''}; label check {a.folds} folds of "
+              f"{a.fold_epochs or a.epochs} epochs", flush=True)
         rows = []
         for seed in a.seeds:
             for name in a.only:
@@ -297,13 +363,18 @@ def main() -> int:
                 run_work.mkdir()
                 args = [sys.executable, __file__, *sys.argv[1:], "--worker", name, "--seed", str(seed),
                         "--work", str(run_work), "--out", str(out), "--data", str(data)]
+                # a workspace per child: no contender reads a decode cache another one filled
+                env = {**os.environ, "LOUPE_HOME": str(run_work / "home"), "OMP_NUM_THREADS": str(a.threads)}
                 done = subprocess.run(args, check=False, capture_output=True, text=True, cwd=REPO, env=env)
                 if done.returncode != 0:
                     print(f"{name} (seed {seed}) failed:\n{done.stderr[-3000:]}", file=sys.stderr, flush=True)
                     continue
-                row = {"ranking": name, "seed": seed, **evaluate(json.loads(out.read_text()), flipped)}
-                rows.append(row)
-                print(json.dumps(row), file=sys.stderr, flush=True)
+                result = json.loads(out.read_text())
+                extra = result.pop("extra", {})
+                for ranking, r in [(name, result), *((k, {**result, **v}) for k, v in extra.items())]:
+                    rows.append({"ranking": ranking, "seed": seed, **evaluate(r, flipped)})
+                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        add_time_ratio(rows)
         if rows:
             print(table(rows))
         if a.json:
@@ -313,14 +384,23 @@ def main() -> int:
     return 0
 
 
+def add_time_ratio(rows: list[dict]) -> None:
+    """Each row's seconds over the seconds of `loupe` (one training run of the same config) on its seed."""
+    train = {r["seed"]: r["seconds"] for r in rows if r["ranking"] == "loupe"}
+    for r in rows:
+        r["x_train"] = r["seconds"] / train[r["seed"]] if r["seed"] in train else float("nan")
+
+
 def table(rows: list[dict]) -> str:
     df = pd.DataFrame(rows)
-    cols = ["recall@k", "recall@2k", "precision", "flag_recall", "flagged", "auroc", "valid_error", "seconds"]
+    cols = ["recall@k", "recall@2k", "precision", "flag_recall", "flagged", "auroc", "valid_error", "seconds",
+            "x_train"]
     mean = df.groupby("ranking", sort=False)[cols].mean().reset_index().assign(seed="mean")
     df = pd.concat([df, mean], ignore_index=True) if df["seed"].nunique() > 1 else df
     lines = ["| ranking | seed | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for _, r in df.iterrows():
-        cells = [f"{r[c]:.0f}" if c in ("flagged", "seconds") else f"{r[c]:.3f}" for c in cols]
+        cells = ["–" if pd.isna(r[c]) else f"{r[c]:.0f}" if c in ("flagged", "seconds")
+                 else f"{r[c]:.2f}" if c == "x_train" else f"{r[c]:.3f}" for c in cols]
         lines.append(f"| {r['ranking']} | {r['seed']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
