@@ -84,7 +84,7 @@ def read_settings(run_dir: str | os.PathLike) -> CheckSettings:
 # ---------------------------------------------------------------- folds
 
 
-def assign_folds(source: DataSource, split: Split, cfg_seed: int, folds: int,
+def assign_folds(source: DataSource, split: Split, seed: int, folds: int,
                  groups: list[str] | None = None) -> np.ndarray:
     """The fold (0..folds-1) of every item of `source`, -1 for items left out (the test side).
 
@@ -105,12 +105,12 @@ def assign_folds(source: DataSource, split: Split, cfg_seed: int, folds: int,
         try:
             if groups is not None:
                 keys = np.array([groups[i] for i in checked])
-                parts = StratifiedGroupKFold(folds, shuffle=True, random_state=cfg_seed).split(x, strata, keys)
+                parts = StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(x, strata, keys)
             else:
-                parts = StratifiedKFold(folds, shuffle=True, random_state=cfg_seed).split(x, strata)
+                parts = StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, strata)
             parts = list(parts)
         except ValueError:  # every label has fewer items than folds: stratifying is impossible
-            parts = list(KFold(folds, shuffle=True, random_state=cfg_seed).split(x))
+            parts = list(KFold(folds, shuffle=True, random_state=seed).split(x))
     for k, (_, held) in enumerate(parts):
         fold_of[checked[held]] = k
     return fold_of
@@ -308,3 +308,73 @@ def read_issues(run_dir: str | os.PathLike) -> pd.DataFrame:
 def print_top(issues: pd.DataFrame, n: int = TOP_PRINTED) -> None:
     columns = [c for c in ("file", "label", "suggested", "score", "issue") if c in issues]
     print(issues.head(n)[columns].to_string(index=False))
+
+
+# ---------------------------------------------------------------- for the pages
+
+
+def latest_check(data_path: str, root: str | os.PathLike | None = None):
+    """The newest label check (a core.runlist.RunInfo) of the dataset at `data_path`, or None."""
+    from core.runlist import label_checks
+
+    wanted = Path(data_path).resolve()
+    return next((info for info in label_checks(root)
+                 if info.config is not None and Path(info.config.data.path).resolve() == wanted), None)
+
+
+@dataclass(frozen=True)
+class CheckProgress:
+    """Where a label check stands, from its last events (cheap: read from the end of events.jsonl)."""
+
+    folds: int
+    folds_done: int
+    fold: int | None  # the fold training now (from 1), None before the first
+    epoch: int | None  # its epoch (from 1)
+    epochs: int  # epochs each fold trains
+    fraction: float  # of the whole check, 0-1
+    seconds_left: float | None  # at the pace so far; None until a batch has trained
+
+    def line(self) -> str:
+        from core.stamps import fmt_duration
+
+        if self.fold is None:
+            return f"{self.folds} folds: checking and decoding the images…"
+        left = f" · about {fmt_duration(self.seconds_left)} left" if self.seconds_left is not None else ""
+        return (f"Fold {self.fold} of {self.folds}, epoch {self.epoch or 1} of {self.epochs} · "
+                f"{self.folds_done} done{left}")
+
+
+def check_progress(run_dir: str | os.PathLike) -> CheckProgress:
+    from core.runlog import last_event
+
+    cfg, settings = read_check(run_dir)
+    epochs = settings.fold_config(cfg).total_epochs
+    folds_done = sum(RunDir(run_dir).fold(k).heldout.exists() for k in range(1, settings.folds + 1))
+    batch = last_event(run_dir, "batch")
+    if not batch or batch.get("fold") is None:
+        return CheckProgress(settings.folds, folds_done, None, None, epochs, folds_done / settings.folds, None)
+    fold, epoch = int(batch["fold"]), int(batch["epoch"])
+    within = (epoch + batch["batch"] / max(batch["n_batches"], 1)) / epochs
+    fraction = min(1.0, (fold - 1 + within) / settings.folds)
+    began = runs.read_status(run_dir).get("running_at")
+    left = None
+    if isinstance(began, (int, float)) and fraction > 0 and isinstance(batch.get("time"), (int, float)):
+        left = (batch["time"] - began) / fraction * (1 - fraction)
+    return CheckProgress(settings.folds, folds_done, fold, epoch + 1, epochs, fraction, left)
+
+
+def read_check(run_dir: str | os.PathLike) -> tuple[TrainConfig, CheckSettings]:
+    from core.job import load_config
+
+    return load_config(run_dir), read_settings(run_dir)
+
+
+def issue_rows(issues: pd.DataFrame, root: Path) -> pd.DataFrame:
+    """label_issues.csv with each `file` as the full path (how the cleaner and the gallery name files)."""
+    full = [str(root / f) if not Path(f).is_absolute() else f for f in issues["file"]]
+    return issues.assign(file=full)
+
+
+def suggestions_above(rows: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """The rows whose score reaches `threshold` and whose suggested label differs from the given one."""
+    return rows[(rows["score"] >= threshold) & (rows["suggested"] != rows["label"]) & (rows["suggested"] != "")]

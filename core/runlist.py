@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import TrainConfig, read_run_config
-from core.rundir import LR_FIND, STATUS_FILE, RunDir, task_of
+from core.rundir import CHECK_LABELS, LR_FIND, STATUS_FILE, TRAIN, RunDir, task_of
 from core.runlog import last_event
 from core.runs import ACTIVE_STATES, FINAL_STATES, UNREADABLE, PathArg, runs_root, status
 
@@ -25,7 +25,7 @@ class RunInfo:
     status: dict[str, Any]  # status.json, reconciled with the process (see core.runs.status)
     config: TrainConfig | None  # None when config.json cannot be read as a TrainConfig (see `error`)
     created_at: float  # from status.json, else the folder's mtime
-    task: str  # core.rundir.TRAIN or LR_FIND, as recorded when the run was created
+    task: str  # core.rundir.TRAIN, LR_FIND or CHECK_LABELS, as recorded when the run was created
     last_epoch: dict[str, Any] = field(default_factory=dict)  # epoch, train_loss, valid_loss, seconds, metrics
     duration: float | None = None  # seconds from running to the end, once final
     error: str | None = None
@@ -41,6 +41,10 @@ class RunInfo:
     @property
     def is_lr_find(self) -> bool:
         return self.task == LR_FIND
+
+    @property
+    def is_label_check(self) -> bool:
+        return self.task == CHECK_LABELS
 
     @property
     def active(self) -> bool:
@@ -66,8 +70,14 @@ def list_runs(root: PathArg | None = None) -> list[RunInfo]:
 
 
 def training_runs(root: PathArg | None = None) -> list[RunInfo]:
-    """Every run but LR-finder sweeps (a sweep is a run directory too, but "a run" means a training run)."""
-    return [info for info in list_runs(root) if not info.is_lr_find]
+    """Every training run: not LR-finder sweeps nor label checks (run directories too, but "a run" means a
+    training run)."""
+    return [info for info in list_runs(root) if info.task == TRAIN]
+
+
+def label_checks(root: PathArg | None = None) -> list[RunInfo]:
+    """Every label check (core.labelcheck), newest first."""
+    return [info for info in list_runs(root) if info.is_label_check]
 
 
 def describe(run_dir: Path) -> RunInfo:
@@ -107,7 +117,7 @@ def _last_epoch(run_dir: Path) -> dict[str, Any]:
     epoch = last_event(run_dir, "epoch")
     if not epoch:
         return {}
-    metrics = {k: v for k, v in epoch.items() if k not in ("event", "time", *_EPOCH_FIELDS)}
+    metrics = {k: v for k, v in epoch.items() if k not in ("event", "time", "fold", *_EPOCH_FIELDS)}
     nested = metrics.pop("metrics", None)  # accept a nested dict too, though the schema is flat
     if isinstance(nested, dict):
         metrics = {**nested, **metrics}

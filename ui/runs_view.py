@@ -114,7 +114,7 @@ def runs_table(listing: list[RunInfo]) -> pd.DataFrame:
                 "id": info.id,
                 "created": datetime.fromtimestamp(info.created_at),
                 "state": info.state,
-                "task": "lr_find" if info.is_lr_find else "train",
+                "task": info.task,
                 "dataset": Path(config.data.path).name if config and config.data.path else "",
                 "network": f"{config.model.arch} · {config.data.size} px" if config else "",
                 "epochs": f"{len(history.epochs)}/{planned}" if planned else "",

@@ -67,7 +67,7 @@ def run_path(run_id: str) -> Path:
 
 
 def training_runs() -> list[RunInfo]:
-    """Every run but LR-finder sweeps (see core.runlist.training_runs), newest first."""
+    """Every training run, no sweeps or label checks (see core.runlist.training_runs), newest first."""
     return runlist.training_runs(runs_dir())
 
 
