@@ -8,12 +8,14 @@ import pandas as pd
 import streamlit as st
 
 from core import clean, cleanlog, cleanrun, interpret, runs
+from core.config import read_run_config
 from core.csvfile import clean_log_table, csv_for_people
 from core.env import check_data_path
 from core.fileio import read_json
 from core.layouts import LAYOUT_NAMES
 from core.rundir import RunDir
 from ui.cache import run_table
+from ui.clean_check import CHECK, LOSS, check_panel, evidence, suggestion_of
 from ui.clean_view import (
     DELETE,
     KEEP,
@@ -23,11 +25,14 @@ from ui.clean_view import (
     PER_PAGE,
     RELABEL,
     RESULT_KEY,
+    accept_candidates,
     apply_marks,
     clear_marks,
     current_counts,
     mark_label,
+    mark_options,
     set_mark,
+    stage_relabels,
     to_change,
     undo,
 )
@@ -63,8 +68,9 @@ except OSError as e:
     st.stop()
 relabel_ok = clean.relabel_supported(layout) and not interpret.is_multi_label(valid)
 
-st.caption(f"Dataset `{root}` · run {run.name}. Images are ordered by loss, worst first. Mark what to change; "
-           "nothing moves until you apply. Deletes go to a `.trash` folder inside the dataset and can be undone.")
+st.caption(f"Dataset `{root}` · run {run.name}. Images are ordered by how likely their label is wrong, worst first. "
+           "Mark what to change; nothing moves until you apply. Deletes go to a `.trash` folder inside the dataset "
+           "and can be undone.")
 if not relabel_ok:
     st.caption(f"Relabelling is not available for this dataset ({LAYOUT_NAMES.get(layout, layout)}"
                f"{', multi-label' if interpret.is_multi_label(valid) else ''}): you can keep or delete.")
@@ -97,45 +103,92 @@ if changes:
     with st.expander(f"Preview (dry run): {preview.summary()}", expanded=bool(preview.skipped)):
         st.dataframe(pd.DataFrame(rows_preview), hide_index=True)
 
-# ---------------------------------------------------------------- pick a class and split, mark images
-with st.container(horizontal=True, gap="medium", vertical_alignment="bottom"):
-    split = st.segmented_control("Split", list(tables), default="valid", required=True, key="clean_split")
-    counts = current_counts(tables[split], handled)
-    label = st.selectbox("Class (actual label)", vocab, key="clean_class", width=260,
-                         format_func=lambda c: f"{c} ({counts.get(c, 0)})")
-rows = interpret.top_losses(tables[split], split=split, actual=label)
+# ---------------------------------------------------------------- the ranking: the label check, or the losses
+multi_label = interpret.is_multi_label(valid)
+checked, check_line = check_panel(run, read_run_config(run)[0], root)
+if st.session_state.get("clean_check_error"):
+    st.error(st.session_state.pop("clean_check_error"))
+ranking = LOSS
+if checked is not None:
+    ranking = st.segmented_control(
+        "Ranking", [CHECK, LOSS], default=CHECK, required=True, key="clean_ranking",
+        format_func={CHECK: "Label check (out of sample)", LOSS: "Training loss (in sample)"}.get)
 
 
-def cell(row: pd.Series) -> None:
-    file = row["file"]
+def mark_control(file: str, actual: str, suggested: str | None) -> None:
+    options = mark_options(actual, vocab if relabel_ok else [], suggested if relabel_ok else None)
+    current = marks.get(file, KEEP)
+    st.selectbox("Mark", options, index=options.index(current) if current in options else 0,
+                 format_func=lambda o: mark_label(o, suggested), key=MARK_WIDGET + file,
+                 label_visibility="collapsed", on_change=set_mark, args=(file,))
+    if current == DELETE:
+        st.badge("Will be deleted", icon=":material/delete:", color="red")
+    elif current != KEEP:
+        st.badge(f"Will move to {current.removeprefix(RELABEL)}", icon=":material/drive_file_move:", color="blue")
+
+
+def shown_now(file: str) -> bool:
+    """Draw the image where it is now; False when there is nothing left to mark (applied, or gone)."""
     done = handled.get(Path(file))
     if done:  # applied: the table still has the old path, so show the file where it is now
         note = "In the trash" if done["action"] == cleanlog.DELETE else f"Moved to {done.get('new_label')}"
         if image_or_note(done["now"], note):
             st.caption(f":material/check_circle: {note}")
-        return
-    if not image_or_note(file, "File is gone (moved or deleted outside Loupe)"):
-        return  # a mark it had stays staged, so applying reports it as skipped
-    options = [KEEP, DELETE] + ([f"{RELABEL}{c}" for c in vocab if c != row["actual"]] if relabel_ok else [])
-    current = marks.get(file, KEEP)
-    st.selectbox("Mark", options, index=options.index(current) if current in options else 0,
-                 format_func=mark_label, key=MARK_WIDGET + file, label_visibility="collapsed",
-                 on_change=set_mark, args=(file,))
-    if current == DELETE:
-        st.badge("Will be deleted", icon=":material/delete:", color="red")
-    elif current != KEEP:
-        st.badge(f"Will move to {current.removeprefix(RELABEL)}", icon=":material/drive_file_move:", color="blue")
-    verdict = "" if row["correct"] else f" · predicted **{row['predicted']}**"
-    st.caption(f"loss {row['loss']:.2f}{verdict}", help=Path(file).name)
+        return False
+    # a mark it had stays staged, so applying reports it as skipped
+    return image_or_note(file, "File is gone (moved or deleted outside Loupe)")
 
+
+def loss_cell(row: pd.Series) -> None:
+    if not shown_now(row["file"]):
+        return
+    mark_control(row["file"], row["actual"], None)
+    verdict = "" if row["correct"] else f" · predicted **{row['predicted']}**"
+    st.caption(f"loss {row['loss']:.2f}{verdict}", help=Path(row["file"]).name)
+
+
+def check_cell(row: pd.Series) -> None:
+    if not shown_now(row["file"]):
+        return
+    mark_control(row["file"], row["label"], suggestion_of(row, multi_label))
+    flag = ":material/flag: " if row["issue"] else ""
+    st.caption(flag + evidence(row, vocab, multi_label), help=Path(row["file"]).name)
+
+
+if ranking == CHECK:
+    st.caption(check_line + " Flagged (:material/flag:) = counted as mislabelled by confident learning.")
+    counts = current_counts(checked.rename(columns={"label": "actual"}), handled)
+    label = st.selectbox("Class (given label)", [None, *vocab], key="clean_check_class", width=260,
+                         format_func=lambda c: f"All classes ({sum(counts.values())})" if c is None
+                         else f"{c} ({counts.get(c, 0)})")
+    rows = checked if label is None else checked[[label in interpret.split_labels(t, vocab) for t in checked["label"]]]
+    if relabel_ok:
+        with st.container(horizontal=True, vertical_alignment="bottom", gap="small"):
+            threshold = st.slider("Accept the suggestions scoring at least", 0.5, 1.0, 0.9, 0.01,
+                                  key="clean_accept_threshold", width=360)
+            pending = accept_candidates(rows, threshold, handled, marks)
+            st.button(f"Stage {len(pending)} suggested relabel{'s' if len(pending) != 1 else ''}",
+                      key="clean_accept", disabled=not pending, on_click=stage_relabels, args=(pending,),
+                      icon=":material/playlist_add_check:",
+                      help="Marks each to move to its suggested class; the preview above shows them before you apply.")
+    scope: tuple = (run.name, CHECK, label)
+    render = check_cell
+else:
+    with st.container(horizontal=True, gap="medium", vertical_alignment="bottom"):
+        split = st.segmented_control("Split", list(tables), default="valid", required=True, key="clean_split")
+        counts = current_counts(tables[split], handled)
+        label = st.selectbox("Class (actual label)", vocab, key="clean_class", width=260,
+                             format_func=lambda c: f"{c} ({counts.get(c, 0)})")
+    rows = interpret.top_losses(tables[split], split=split, actual=label)
+    scope, render = (run.name, split, label), loss_cell
 
 if rows.empty:
-    st.info(f"No {split} images of class {label}.")
+    st.info(f"No images of class {label} here.")
 else:
     gallery_slot = st.container()
-    shown = paginate(len(rows), PER_PAGE, PAGE_KEY, scope=(run.name, split, label))
+    shown = paginate(len(rows), PER_PAGE, PAGE_KEY, scope=scope)
     with gallery_slot:
-        grid([rows.iloc[i] for i in shown], cell)
+        grid([rows.iloc[i] for i in shown], render)
 
 # ---------------------------------------------------------------- history and retrain
 log = cleanrun.log_table(datasets)

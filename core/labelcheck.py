@@ -301,7 +301,8 @@ def write_issues(run_dir: str | os.PathLike) -> pd.DataFrame:
 
 def read_issues(run_dir: str | os.PathLike) -> pd.DataFrame:
     """label_issues.csv as written (file names as text, never parsed as numbers)."""
-    return pd.read_csv(RunDir(run_dir).label_issues, dtype={"file": str, "label": str, "suggested": str},
+    text = {"file": str, "label": str, "suggested": str, "loss_history": str}
+    return pd.read_csv(RunDir(run_dir).label_issues, dtype=text,
                        keep_default_na=False, na_values={"score": [""]})
 
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import one_torch_thread
+from conftest import check_config, one_torch_thread, write_colours
 from PIL import Image
 
 from core import runs
 from core.__main__ import main as cli
-from core.config import DataConfig, ModelConfig, TrainConfig
+from core.config import DataConfig
 from core.labelcheck import (
     CheckSettings,
     assign_folds,
@@ -36,40 +36,6 @@ from core.runlist import label_checks, training_runs
 from core.split import group_keys, split_items
 
 REPO = Path(__file__).resolve().parents[1]
-COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
-# (true class, index) -> the wrong class folder the image is planted in
-FLIPS = {("red", 0): "green", ("green", 1): "blue", ("blue", 2): "red", ("red", 3): "blue"}
-
-
-def write_colours(root: Path, n: int, size: int = 16, flips: dict | None = None, seed: int = 0) -> list[str]:
-    """n noisy solid-colour images per class in root/<class>/, named <true class>_<i>.png; returns the planted
-    flips (relative paths): only the colour decides the class, so a model that never saw a flip calls it out."""
-    rng = np.random.default_rng(seed)
-    flips = FLIPS if flips is None else flips
-    planted = []
-    for name, rgb in COLOURS.items():
-        for i in range(n):
-            label = flips.get((name, i), name)
-            pixels = np.clip(np.array(rgb) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
-            path = root / label / f"{name}_{i:03d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels).save(path)
-            if label != name:
-                planted.append(path.relative_to(root).as_posix())
-    return sorted(planted)
-
-
-def check_config(data: Path, **train) -> TrainConfig:
-    """resnet18 from scratch at 16 px, no augmentation: colour alone decides, learnt in a few epochs."""
-    settings = {"schedule": "one_cycle", "epochs": 4, "lr": 3e-3} | train
-    return TrainConfig(
-        data=DataConfig(path=str(data), size=16, batch_size=16, num_workers=0, min_scale=1.0, flip=False,
-                        max_rotate=0.0, max_lighting=0.0),
-        model=ModelConfig(arch="resnet18", pretrained=False),
-        **settings,
-    )
-
-
 # ---------------------------------------------------------------- folds
 
 

@@ -9,6 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from core import clean, cleanlog, cleanrun
+from core.labelcheck import suggestions_above
 
 PER_PAGE = 24  # fills 4, 6 or 8 columns evenly
 PAGE_KEY = "clean_page"
@@ -18,12 +19,37 @@ RESULT_KEY = "clean_result"  # the last apply/undo outcome, shown until the next
 KEEP, DELETE, RELABEL = "keep", "delete", "relabel:"
 
 
-def mark_label(option: str) -> str:
+def mark_label(option: str, suggested: str | None = None) -> str:
     if option == KEEP:
         return "Keep"
     if option == DELETE:
         return "Delete"
-    return f"Move to {option.removeprefix(RELABEL)}"
+    target = option.removeprefix(RELABEL)
+    return f"Move to {target}" + (" (suggested)" if target == suggested else "")
+
+
+def mark_options(actual: str, classes: list[str], suggested: str | None = None) -> list[str]:
+    """Keep, then the suggested class (a label check's), Delete, and every other class to move to."""
+    first = [f"{RELABEL}{suggested}"] if suggested and suggested != actual and suggested in classes else []
+    rest = [f"{RELABEL}{c}" for c in classes if c not in (actual, suggested)]
+    return [KEEP, *first, DELETE, *rest]
+
+
+def accept_candidates(rows: pd.DataFrame, threshold: float, handled: dict[Path, dict],
+                      marks: dict[str, str]) -> list[tuple[str, str]]:
+    """(file, suggested class) of the label check's rows at or above `threshold` whose suggestion differs
+    from their label and that are neither applied already nor marked otherwise."""
+    chosen = suggestions_above(rows, threshold)
+    keep = [f not in marks and Path(f) not in handled and Path(f).exists() for f in chosen["file"]]
+    chosen = chosen[keep]
+    return list(zip(chosen["file"], chosen["suggested"]))
+
+
+def stage_relabels(pending: list[tuple[str, str]]) -> None:
+    """Button callback: mark each file to move to its suggested class, and show it so in its selectbox."""
+    for file, suggested in pending:
+        st.session_state[MARKS_KEY][file] = f"{RELABEL}{suggested}"
+        st.session_state[MARK_WIDGET + file] = f"{RELABEL}{suggested}"
 
 
 def set_mark(file: str) -> None:

@@ -23,8 +23,9 @@ from core.model import ARCHS, pretrained_available
 from core.rundir import RunDir
 from core.runlog import read_config
 from ui.data_chooser import open_dataset
+from ui.live import safe_status
 from ui.state import allowed, set_run
-from ui.train_run import is_sweep, safe_status
+from ui.train_run import is_sweep
 from ui.train_weights import arch_changed, match_schedule_to_weights, weights_file, weights_hint, weights_line
 
 SCHEDULE_HELP = (

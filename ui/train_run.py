@@ -1,13 +1,12 @@
 """The Train page's run panel: the selected run, live while it is queued or running, its outcome once it ends.
 
 Live events come from core.runlog.RunTail: one per run (`run_view`, cached for the server), shared by every
-browser tab watching it, read by a fragment that polls every POLL_SECONDS and stops when the run ends.
+browser tab watching it, read by a fragment (ui.live) that polls and stops when the run ends.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -20,8 +19,8 @@ from core.runlog import RunTail, RunView, hardest_items, log_tail, read_config
 from core.stamps import fmt_duration
 from ui import charts
 from ui.cache import split_line, thumb
+from ui.live import live_fragment, safe_status
 
-POLL_SECONDS = 1.0
 HARDEST = 12  # training images the hardest-images grid shows
 
 
@@ -33,13 +32,6 @@ def _tail(run_dir: str) -> RunTail:
 def run_view(run_dir: Path) -> RunView:
     """What `run_dir` has reported so far; the reader behind it is shared by every session watching the run."""
     return _tail(str(Path(run_dir).resolve())).update()
-
-
-def safe_status(run_dir: Path) -> dict:
-    try:
-        return runs.status(run_dir)
-    except (OSError, ValueError) as exc:
-        return {"state": runs.UNREADABLE, "error": f"Cannot read the run's status: {exc}"}
 
 
 def is_sweep(run_dir: Path, status: dict | None = None) -> bool:
@@ -56,19 +48,6 @@ STATE_BADGES = {
     runs.FAILED: ("failed", "red", ":material/error:"),
     runs.UNREADABLE: ("unreadable", "red", ":material/error:"),
 }
-
-
-def live_fragment(run_dir: Path, body: Callable[[Path, dict, bool], None]) -> None:
-    """Draw `body` in a fragment that redraws it each poll and reruns the whole page once the run is final,
-    so the parts outside the fragment (buttons, the sidebar) catch up and the polling stops."""
-
-    def live() -> None:
-        status = safe_status(run_dir)
-        if status.get("state") not in runs.ACTIVE_STATES:
-            st.rerun()
-        body(run_dir, status, True)
-
-    st.fragment(live, run_every=POLL_SECONDS)()
 
 
 def run_panel(run_dir: Path | None) -> None:

@@ -18,7 +18,8 @@ from core.runlist import list_runs
 from core.runlog import RunView, read_config
 from core.stamps import fmt_duration
 from ui import charts
-from ui.train_run import error_details, is_sweep, live_fragment, run_view, safe_status
+from ui.live import live_fragment, safe_status
+from ui.train_run import error_details, is_sweep, run_view
 
 LR_FIND_KEY = "train_lr_find_run"
 RECENT_SWEEPS = 20  # sweeps looked through for the newest one on the open dataset
