@@ -144,7 +144,7 @@ def loss_cell(row: pd.Series) -> None:
         return
     mark_control(row["file"], row["actual"], None)
     verdict = "" if row["correct"] else f" · predicted **{row['predicted']}**"
-    st.caption(f"loss {row['loss']:.2f}{verdict}", help=Path(row["file"]).name)
+    st.caption(f"loss {max(0.0, row['loss']):.2f}{verdict}", help=Path(row["file"]).name)  # never "-0.00"
 
 
 def check_cell(row: pd.Series) -> None:

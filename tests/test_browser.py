@@ -19,6 +19,7 @@ from core.data import DataConfig
 from core.demo import DemoSpec, make_demo_dataset
 from core.fileio import atomic_write_json
 from core.job import run_training
+from core.labelcheck import CheckSettings, create_check, run_label_check
 from core.model import ModelConfig
 from core.train import TrainConfig
 
@@ -53,6 +54,8 @@ def workspace(tmp_path_factory) -> Path:
         )
         run_dir = runs.create(cfg.to_dict(), root=home / "runs", name_hint="browser")
         assert run_training(run_dir) == 0
+        check = create_check(cfg, CheckSettings(folds=2), root=home / "runs")  # Clean then ranks by it
+        assert run_label_check(check) == 0
     finally:
         if old is None:
             os.environ.pop("LOUPE_HOME")
@@ -83,6 +86,21 @@ def test_the_workflow_in_a_real_browser(workspace):
         gallery.first.wait_for(timeout=60_000)
         assert gallery.count() >= 4
         assert gallery.first.evaluate("img => img.naturalWidth") > 0
+
+        # Clean: ranked by the label check, each image with the check's evidence; the loss ranking one click away.
+        page.goto(f"{url}/clean")
+        wait_for_app(page)
+        ranking = page.locator(".st-key-clean_ranking")
+        ranking.get_by_text("Label check (out of sample)").wait_for(timeout=60_000)
+        main = page.locator("[data-testid='stMain']")
+        main.get_by_text("counted as mislabelled by confident learning").wait_for(timeout=60_000)
+        assert main.get_by_text(re.compile(r"score \d\.\d\d")).count() >= 4
+        assert main.locator("[data-testid='stImage'] img").count() >= 4
+        page.screenshot(path=str(ARTIFACTS / "clean-check.png"), full_page=True)
+        ranking.get_by_text("Training loss (in sample)").click()
+        wait_for_app(page)
+        main.get_by_text(re.compile(r"loss -?\d\.\d\d")).first.wait_for(timeout=60_000)
+        assert page.locator("[data-testid='stException']").count() == 0
 
         # Predict: upload an image and see a prediction.
         page.goto(f"{url}/predict")

@@ -66,7 +66,10 @@ def check_panel(run: Path, cfg: TrainConfig, root: Path) -> tuple[pd.DataFrame |
     if not done:
         return None, ""
     rows = _issues(str(info.run.label_issues), info.run.label_issues.stat().st_mtime, str(root))
-    return rows, _summary(info.path)
+    agree = (rows["suggested"] == rows["label"]).mean()
+    trust = (f" Its models agree with {agree:.0%} of the given labels out of sample"
+             + ("; a weak model suggests wrongly, so train longer before accepting many." if agree < 0.8 else "."))
+    return rows, _summary(info.path) + trust
 
 
 def _summary(check: Path) -> str:
