@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from conftest import check_config, open_app_page, train_tiny_run, write_colours
 
@@ -11,6 +12,7 @@ from core import runs
 from core.env import runs_dir
 from core.labelcheck import read_issues
 from core.runlist import label_checks
+from ui.clean_view import accept_candidates
 
 PAGE = "app_pages/clean.py"
 
@@ -64,3 +66,14 @@ def test_a_check_started_on_the_page_ranks_it_and_its_suggestions_are_staged_and
 
     at.segmented_control(key="clean_ranking").set_value("loss").run()  # the in-sample ranking stays available
     assert at.selectbox(key="clean_class") and not at.exception
+
+
+def test_no_suggestion_above_the_threshold_stages_nothing(tmp_path):
+    image = tmp_path / "a" / "x.png"
+    image.parent.mkdir()
+    image.write_bytes(b"")
+    rows = pd.DataFrame({"file": [str(image), str(tmp_path / "b" / "y.png")], "label": ["a", "b"],
+                         "suggested": ["b", "b"], "score": [0.4, 0.99]})
+    assert accept_candidates(rows, 0.5, {}, {}) == []  # the one above agrees with its label
+    assert accept_candidates(rows, 0.3, {}, {}) == [(str(image), "b")]
+    assert accept_candidates(rows, 0.3, {}, {str(image): "delete"}) == []  # marked otherwise already

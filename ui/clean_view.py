@@ -41,7 +41,7 @@ def accept_candidates(rows: pd.DataFrame, threshold: float, handled: dict[Path, 
     from their label and that are neither applied already nor marked otherwise."""
     chosen = suggestions_above(rows, threshold)
     keep = [f not in marks and Path(f) not in handled and Path(f).exists() for f in chosen["file"]]
-    chosen = chosen[keep]
+    chosen = chosen[pd.Series(keep, index=chosen.index, dtype=bool)]  # a plain empty list would select columns
     return list(zip(chosen["file"], chosen["suggested"]))
 
 
