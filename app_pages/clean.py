@@ -27,6 +27,7 @@ from ui.clean_view import (
     RESULT_KEY,
     accept_candidates,
     apply_marks,
+    before_after_panel,
     clear_marks,
     current_counts,
     mark_label,
@@ -202,11 +203,13 @@ with st.expander(f"Change log ({len(log)} entries)"):
         st.caption("No changes applied to this dataset yet.")
 
 st.subheader("Retrain")
+before_after_panel(run, valid, handled)
 st.caption("A new run with this run's exact configuration, on the cleaned folder; you follow it on Train."
            + (" Apply or clear the staged changes first." if changes else ""))
 if st.button("Retrain with the cleaned data", key="clean_retrain", icon=":material/replay:",
              disabled=bool(changes), help="Apply or clear the staged changes first." if changes else None):
     new_run = runs.create(read_json(run / runs.CONFIG_FILE), name_hint="cleaned")
+    runs.write_status(new_run, retrained_from=run.name)  # its Clean page then compares it with this run
     try:
         runs.start(new_run)
     except (OSError, ValueError) as e:

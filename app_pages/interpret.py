@@ -9,27 +9,12 @@ import streamlit as st
 
 from core import interpret
 from ui.cache import run_table
+from ui.charts import confusion_figure
 from ui.gallery import grid, image_or_note, loss_caption, paginate, refuse_outside_roots, require_run_tables
 
 PER_PAGE = 12
 PAGE_KEY = "interpret_page"
 ALL = "All classes"
-
-
-def confusion_figure(cm: np.ndarray, vocab: list[str], normalised: bool) -> go.Figure:
-    """Heatmap, actual down the side and predicted across, every cell annotated."""
-    text = [[f"{v:.2f}" if normalised else f"{int(v)}" for v in row] for row in cm]
-    fig = go.Figure(go.Heatmap(
-        z=cm.tolist(), x=vocab, y=vocab, text=text, texttemplate="%{text}", colorscale="Blues", showscale=False,
-        zmin=0, zmax=1 if normalised else max(int(cm.max()), 1),
-        hovertemplate="actual %{y}<br>predicted %{x}<br>%{text}<extra></extra>",
-    ))
-    side = min(900, 200 + 80 * len(vocab))
-    fig.update_layout(height=side, margin={"l": 10, "r": 10, "t": 10, "b": 10},
-                      xaxis={"title": "Predicted", "side": "bottom", "tickangle": -45 if len(vocab) > 8 else 0,
-                                 "constrain": "domain"},
-                      yaxis={"title": "Actual", "autorange": "reversed", "scaleanchor": "x", "constrain": "domain"})
-    return fig
 
 
 def label_counts_figure(mc: pd.DataFrame) -> go.Figure:

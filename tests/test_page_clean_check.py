@@ -67,6 +67,17 @@ def test_a_check_started_on_the_page_ranks_it_and_its_suggestions_are_staged_and
     at.segmented_control(key="clean_ranking").set_value("loss").run()  # the in-sample ranking stays available
     assert at.selectbox(key="clean_class") and not at.exception
 
+    old_run = at.session_state["run_id"]
+    at.button(key="clean_retrain").click().run()  # a new run on the cleaned folder, then compared with this one
+    new_run = runs_dir() / at.session_state["run_id"]
+    assert new_run.name != old_run
+    assert runs.wait(new_run, timeout=240)["state"] == runs.DONE, runs.log_tail(new_run)
+    at.switch_page(PAGE).run()
+    assert not at.exception, at.exception
+    assert any(m.value.startswith("**Before and after cleaning**") for m in at.markdown)
+    before, after = at.metric
+    assert old_run in before.label and new_run.name in after.label
+
 
 def test_no_suggestion_above_the_threshold_stages_nothing(tmp_path):
     image = tmp_path / "a" / "x.png"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -158,3 +159,19 @@ def _loss_range(losses: Sequence[float | None]) -> list[float] | None:
     high = min(max(finite), max(start, low) * 1.25 + 1e-9)
     pad = 0.05 * (high - low or 1.0)
     return [low - pad, high + pad]
+
+
+def confusion_figure(cm: np.ndarray, vocab: list[str], normalised: bool) -> go.Figure:
+    """Heatmap, actual down the side and predicted across, every cell annotated."""
+    text = [[f"{v:.2f}" if normalised else f"{int(v)}" for v in row] for row in cm]
+    fig = go.Figure(go.Heatmap(
+        z=cm.tolist(), x=vocab, y=vocab, text=text, texttemplate="%{text}", colorscale="Blues", showscale=False,
+        zmin=0, zmax=1 if normalised else max(int(cm.max()), 1),
+        hovertemplate="actual %{y}<br>predicted %{x}<br>%{text}<extra></extra>",
+    ))
+    side = min(900, 200 + 80 * len(vocab))
+    fig.update_layout(height=side, margin={"l": 10, "r": 10, "t": 10, "b": 10},
+                      xaxis={"title": "Predicted", "side": "bottom", "tickangle": -45 if len(vocab) > 8 else 0,
+                                 "constrain": "domain"},
+                      yaxis={"title": "Actual", "autorange": "reversed", "scaleanchor": "x", "constrain": "domain"})
+    return fig

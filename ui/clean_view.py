@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from core import clean, cleanlog, cleanrun
+from core import clean, cleanlog, cleanrun, runs
 from core.labelcheck import suggestions_above
 
 PER_PAGE = 24  # fills 4, 6 or 8 columns evenly
@@ -117,3 +117,25 @@ def undo(datasets: list[cleanrun.Dataset]) -> None:
         report(cleanrun.undo_last_of(datasets))
     except OSError as e:
         failed("undo", e)
+
+
+def before_after_panel(run: Path, valid: pd.DataFrame, handled: dict[Path, dict]) -> None:
+    """When `run` is a retrain from the Clean page: both models on the validation images the two runs share."""
+    from core.compare import before_after
+    from core.env import runs_dir
+    from ui.cache import run_table
+    from ui.charts import confusion_figure
+
+    origin = runs.read_status(run).get("retrained_from")
+    before = run_table(runs_dir() / origin, "valid") if isinstance(origin, str) else None
+    result = before_after(before, valid, handled) if before is not None else None
+    if result is None:
+        return
+    st.markdown(f"**Before and after cleaning**: run {origin} and this run on the {result.n_images} validation "
+                f"images both held out (of {result.n_valid_before}), scored against the labels as they are now.")
+    left, right = st.columns(2)
+    left.metric(f"Error rate before ({origin})", f"{result.error_before:.1%}")
+    right.metric(f"Error rate after ({run.name})", f"{result.error_after:.1%}",
+                 delta=f"{result.error_after - result.error_before:+.1%}", delta_color="inverse")
+    left.plotly_chart(confusion_figure(result.confusion_before, result.vocab, False), key="clean_cm_before")
+    right.plotly_chart(confusion_figure(result.confusion_after, result.vocab, False), key="clean_cm_after")
