@@ -106,7 +106,7 @@ if changes:
 
 # ---------------------------------------------------------------- the ranking: the label check, or the losses
 multi_label = interpret.is_multi_label(valid)
-checked, check_line = check_panel(run, read_run_config(run)[0], root)
+checked, check_line = check_panel(run, read_run_config(run)[0], root, handled)
 if st.session_state.get("clean_check_error"):
     st.error(st.session_state.pop("clean_check_error"))
 ranking = LOSS

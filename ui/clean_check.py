@@ -37,9 +37,10 @@ def _issues(path: str, mtime: float, root: str) -> pd.DataFrame:
     return issue_rows(read_issues(Path(path).parent), Path(root))
 
 
-def check_panel(run: Path, cfg: TrainConfig, root: Path) -> tuple[pd.DataFrame | None, str]:
+def check_panel(run: Path, cfg: TrainConfig, root: Path, handled: dict[Path, dict]) -> tuple[pd.DataFrame | None, str]:
     """The label check of the run's dataset, in an expander: start, progress, stop, resume. Returns the
-    check's rows (full file paths) once it is done, else None, and a line naming the check."""
+    check's rows (full file paths) once it is done, else None, and a line naming the check (and how many
+    changes the cleaner applied since, `handled` being core.cleanrun.handled_in's answer)."""
     info = latest_check(cfg.data.path, runs_dir())
     done = info is not None and info.state == runs.DONE and info.run.label_issues.exists()
     title = "Label check" + (f" · {info.id} · {info.state}" if info else ": find mislabelled images")
@@ -69,7 +70,10 @@ def check_panel(run: Path, cfg: TrainConfig, root: Path) -> tuple[pd.DataFrame |
     agree = (rows["suggested"] == rows["label"]).mean()
     trust = (f" Its models agree with {agree:.0%} of the given labels out of sample"
              + ("; a weak model suggests wrongly, so train longer before accepting many." if agree < 0.8 else "."))
-    return rows, _summary(info.path) + trust
+    finished = info.status.get("finished_at") or 0
+    since = sum(entry.get("time", 0) > finished for entry in handled.values())
+    stale = f" **{since} change(s) applied since it ran**: check again to judge the cleaned labels." if since else ""
+    return rows, _summary(info.path) + trust + stale
 
 
 def _summary(check: Path) -> str:
