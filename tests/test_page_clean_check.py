@@ -78,6 +78,10 @@ def test_a_check_started_on_the_page_ranks_it_and_its_suggestions_are_staged_and
     before, after = at.metric
     assert old_run in before.label and new_run.name in after.label
 
+    at.session_state["run_id"] = check.id  # a check picked in the sidebar: the model pages say what it is
+    at.switch_page("app_pages/interpret.py").run()
+    assert not at.exception and any("is a label check" in i.value for i in at.info)
+
 
 def test_no_suggestion_above_the_threshold_stages_nothing(tmp_path):
     image = tmp_path / "a" / "x.png"

@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 from core import cleanrun, runs
 from core.env import check_data_path
 from core.images import jpeg_bytes
-from core.rundir import RunDir
+from core.rundir import RunDir, is_label_check
 from ui.cache import run_table, thumb
 from ui.state import current_run, latest_run_where
 
@@ -98,6 +98,12 @@ def run_state(run: Path) -> str | None:
 def passed_over(selected: Path, shown: Path) -> None:
     """Say why a page that needs a model shows `shown` instead of the selected run, with a link to the latter."""
     state = run_state(selected)
+    if _is_label_check(selected):
+        st.info(f"The selected run **{selected.name}** is a label check ({state or 'unknown state'}), which has no "
+                f"model of its own: this page shows run **{shown.name}**. The check ranks the images on Clean.",
+                icon=":material/fact_check:")
+        st.page_link("app_pages/clean.py", label="Clean with the check", icon=":material/cleaning_services:")
+        return
     if state == runs.FAILED:
         st.warning(f"The selected run **{selected.name}** failed and has no model: this page shows run "
                    f"**{shown.name}** instead.", icon=":material/error:")
@@ -109,6 +115,13 @@ def passed_over(selected: Path, shown: Path) -> None:
                 f"run **{shown.name}** instead.", icon=":material/info:")
     verb = "See why it failed" if state == runs.FAILED else "Follow it"
     st.page_link("app_pages/train.py", label=f"{verb} on Train", icon=":material/model_training:")
+
+
+def _is_label_check(run: Path) -> bool:
+    try:
+        return is_label_check(run, runs.read_status(run))
+    except (OSError, ValueError):
+        return False
 
 
 def has_tables(run: Path) -> bool:
