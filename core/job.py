@@ -13,8 +13,10 @@ import shutil
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -205,20 +207,28 @@ def run_training(run_dir: str | Path, resume: bool = False) -> int:
                       flush=True)
             return 0
     except Exception as e:  # every failure ends as a readable event and a failed status, never a silent exit
-        message = f"{type(e).__name__}: {e}"
-        if info.enabled:
-            lost = isinstance(e, RuntimeError) and any(w in str(e) for w in ("gloo", "NCCL", "Connection", "timed out"))
-            hint = " (another process of the group probably failed or was killed: see train.log)" if lost else ""
-            message = f"rank {info.rank}: {message}{hint}"
-        report("error", message=message, traceback=traceback.format_exc())
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        if info.main:
-            runs.mark_finished(run_dir, runs.FAILED, error=message)
-        return 1
+        return fail_run(e, info, report, run_dir)
     finally:
         if writer:
             writer.close()
         distributed.cleanup()
+
+
+def fail_run(error: Exception, info: distributed.DistInfo, report: Callable[..., Any], run_dir: Path) -> int:
+    """A run process's end by an exception (training or a label check): an error event with the traceback, one
+    line on stderr, the failed status (rank 0); returns the exit code 1. Under DDP the message names the rank and
+    hints at a lost process group."""
+    message = f"{type(error).__name__}: {error}"
+    if info.enabled:
+        lost = isinstance(error, RuntimeError) and any(w in str(error) for w in ("gloo", "NCCL", "Connection",
+                                                                                  "timed out"))
+        hint = " (another process of the group probably failed or was killed: see train.log)" if lost else ""
+        message = f"rank {info.rank}: {message}{hint}"
+    report("error", message=message, traceback=traceback.format_exc())
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    if info.main:
+        runs.mark_finished(run_dir, runs.FAILED, error=message)
+    return 1
 
 
 def _fingerprint(learner: Learner) -> None:

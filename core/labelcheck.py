@@ -17,7 +17,6 @@ import contextlib
 import os
 import sys
 import time
-import traceback
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -127,7 +126,7 @@ def fold_split(fold_of: np.ndarray, k: int) -> Split:
 def run_label_check(run_dir: str | os.PathLike, resume: bool = False) -> int:
     """Run the check in `run_dir` to the end: every fold, then the scores; returns the exit code (0 done or
     stopped, 1 failed). Mirrors core.job.run_training: events, status, the compute lock, STOP and SIGTERM."""
-    from core.job import Reporter, Signals, check_run_dir, load_config
+    from core.job import Reporter, Signals, check_run_dir, fail_run, load_config
 
     run_dir = Path(run_dir)
     info = distributed.DistInfo.from_env()
@@ -153,14 +152,7 @@ def run_label_check(run_dir: str | os.PathLike, resume: bool = False) -> int:
                     runs.mark_finished(run_dir, runs.STOPPED)
             return 0
     except Exception as e:  # every failure ends as a readable event and a failed status, never a silent exit
-        message = f"{type(e).__name__}: {e}"
-        if info.enabled:
-            message = f"rank {info.rank}: {message}"
-        report("error", message=message, traceback=traceback.format_exc())
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        if info.main:
-            runs.mark_finished(run_dir, runs.FAILED, error=message)
-        return 1
+        return fail_run(e, info, report, run_dir)
     finally:
         if writer:
             writer.close()
@@ -260,30 +252,19 @@ def loss_histories(run_dir: str | os.PathLike, n_items: int) -> np.ndarray:
     """[n_items, epochs]: each item's training loss per epoch, averaged over the folds that trained on it
     (NaN where none did). The training dynamics every fold records anyway (item_losses/)."""
     run = RunDir(run_dir)
-    settings = read_settings(run_dir)
-    sums: np.ndarray | None = None
-    counts: np.ndarray | None = None
+    cfg, settings = read_check(run_dir)
+    epochs = settings.fold_config(cfg).total_epochs
+    sums, counts = np.zeros((n_items, epochs)), np.zeros((n_items, epochs))
     for k in range(1, settings.folds + 1):
-        for file in sorted(run.fold(k).item_losses_dir.glob("epoch_*.npz")):
-            epoch = int(file.stem.split("_")[-1])
-            with np.load(file) as data:
-                items, losses = data["item"], data["loss"]
-            if sums is None or epoch >= sums.shape[1]:
-                width = epoch + 1 if sums is None else max(epoch + 1, sums.shape[1])
-                sums, counts = _widen(sums, n_items, width), _widen(counts, n_items, width)
-            np.add.at(sums[:, epoch], items, losses)
-            np.add.at(counts[:, epoch], items, 1)
-    if sums is None:
-        return np.full((n_items, 0), np.nan)
+        for epoch in range(epochs):
+            path = run.fold(k).item_losses(epoch)
+            if not path.exists():  # the epoch early-stopped runs would skip; folds train every epoch
+                continue
+            with np.load(path) as data:
+                np.add.at(sums[:, epoch], data["item"], data["loss"])
+                np.add.at(counts[:, epoch], data["item"], 1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-
-
-def _widen(array: np.ndarray | None, rows: int, width: int) -> np.ndarray:
-    wide = np.zeros((rows, width))
-    if array is not None:
-        wide[:, : array.shape[1]] = array
-    return wide
 
 
 def write_issues(run_dir: str | os.PathLike) -> pd.DataFrame:

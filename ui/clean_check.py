@@ -43,6 +43,7 @@ def check_panel(run: Path, cfg: TrainConfig, root: Path, handled: dict[Path, dic
     changes the cleaner applied since, `handled` being core.cleanrun.handled_in's answer)."""
     info = latest_check(cfg.data.path, runs_dir())
     done = info is not None and info.state == runs.DONE and info.run.label_issues.exists()
+    summary = _summary(info.path) if done else ""
     title = "Label check" + (f" · {info.id} · {info.state}" if info else ": find mislabelled images")
     with st.expander(title, expanded=info is None or info.active, icon=":material/fact_check:"):
         if info is None:
@@ -62,7 +63,7 @@ def check_panel(run: Path, cfg: TrainConfig, root: Path, handled: dict[Path, dic
             st.error(f"The label check {info.id} failed: {info.error or 'see its train.log'}.")
             _start_controls(run, cfg, "Check again")
         else:
-            st.caption(f"{_summary(info.path)} Checked again after cleaning, it judges the cleaned labels.")
+            st.caption(f"{summary} Checked again after cleaning, it judges the cleaned labels.")
             _start_controls(run, cfg, "Check again")
     if not done:
         return None, ""
@@ -73,7 +74,7 @@ def check_panel(run: Path, cfg: TrainConfig, root: Path, handled: dict[Path, dic
     finished = info.status.get("finished_at") or 0
     since = sum(entry.get("time", 0) > finished for entry in handled.values())
     stale = f" **{since} change(s) applied since it ran**: check again to judge the cleaned labels." if since else ""
-    return rows, _summary(info.path) + trust + stale
+    return rows, summary + trust + stale
 
 
 def _summary(check: Path) -> str:
