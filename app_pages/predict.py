@@ -50,11 +50,13 @@ if len(meta.vocab) > 1:
 if source == "Files":
     files = st.file_uploader(
         "Images to classify",
-        type="image",  # only filters the browser's file picker: each file is judged by its content below
+        # only filters the browser's file picker (each file is judged by its content below); .heic/.heif by
+        # name too, for browsers that give HEIC photos no image/* type
+        type=["image", ".heic", ".heif"],
         accept_multiple_files=True,
         key="predict_files",
         max_upload_size=MAX_UPLOAD_MB,
-        help=f"JPEG, PNG, GIF, BMP, WebP or TIFF, up to {MAX_UPLOAD_MB} MB each. "
+        help=f"JPEG, PNG, GIF, BMP, WebP, TIFF or HEIC, up to {MAX_UPLOAD_MB} MB each. "
         "Several at once give a table and a CSV.",
     )
 else:

@@ -26,7 +26,7 @@ from PIL import Image
 
 from core.env import workspace_dir
 from core.fileio import append_jsonl, atomic_write_bytes, read_jsonl
-from core.images import DEFAULT_MAX_PIXELS, HEIF_REASON, is_heif_header, jpeg_bytes, upright_rgb
+from core.images import DEFAULT_MAX_PIXELS, HEIF_REASON, SCALED_DRAFT_FORMATS, is_heif_header, jpeg_bytes, upright_rgb
 from core.listing import list_images
 
 FEEDBACK_DIR = "feedback"
@@ -45,6 +45,7 @@ FORMAT_EXTENSIONS = {
     "BMP": ".bmp",
     "WEBP": ".webp",
     "TIFF": ".tif",
+    "HEIF": ".heic",  # iPhone photos, decoded by pillow-heif (registered in core.images)
 }
 OPEN_FORMATS = [f for f in FORMAT_EXTENSIONS if f != "MPO"]
 
@@ -95,7 +96,7 @@ def read_image(
         if is_heif_header(data[:64]):
             raise BadUpload(f"{HEIF_REASON}.") from None
         raise BadUpload(
-            "this is not an image Loupe can read (its content is not JPEG, PNG, GIF, BMP, WebP or TIFF, "
+            "this is not an image Loupe can read (its content is not JPEG, PNG, GIF, BMP, WebP, TIFF or HEIC, "
             "whatever its name says)."
         ) from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
@@ -111,7 +112,7 @@ def read_image(
             )
         fmt = img.format or ""
         try:
-            if min_side:
+            if min_side and fmt in SCALED_DRAFT_FORMATS:  # not HEIC's draft: a thumbnail would go unchecked
                 img.draft("RGB", (min_side, min_side))  # JPEG only: decode at a reduced scale, never below min_side
             img.load()  # animated GIFs and multi-page TIFFs: the first frame
             upright = _upright(img)

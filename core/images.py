@@ -9,14 +9,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pillow_heif
 from PIL import Image, ImageOps
+
+# HEIC/HEIF (every recent iPhone's photos): Pillow has no decoder of its own, so pillow-heif's is registered
+# once, here, for every Image.open in the process. It applies the file's rotation and mirroring (irot/imir)
+# as it decodes and resets the EXIF orientation to 1, so upright_rgb's exif_transpose turns it no further.
+pillow_heif.register_heif_opener()
 
 # Far above any photo (~89 Mpx), far below what a decompression bomb declares.
 DEFAULT_MAX_PIXELS = 89_478_485
-# ISO base media "ftyp" brands of HEIF files (iPhone photos): Pillow cannot decode them without a plugin,
-# so they are named for what they are rather than reported as "not an image".
+# ISO base media "ftyp" brands of HEIF files: one that pillow-heif still cannot open (damaged, or a variant
+# libheif cannot read) is named for what it is rather than reported as "not an image".
 HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"})
-HEIF_REASON = "HEIC/HEIF images are not supported; convert them to JPEG or PNG (e.g. export from Photos)"
+HEIF_REASON = "a HEIC/HEIF image that cannot be decoded (damaged, or a variant Loupe's HEIF decoder cannot read)"
+# Formats whose `draft` only decodes at a reduced scale (JPEG's DCT scaling). pillow-heif's draft swaps in an
+# embedded thumbnail instead, which would leave the image itself unchecked.
+SCALED_DRAFT_FORMATS = frozenset({"JPEG", "MPO"})
 
 
 class DataError(ValueError):
@@ -59,7 +68,8 @@ def check_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -
                 return f"decompression bomb: declares {width}x{height} pixels, over the {max_pixels:,} limit"
             if width < 1 or height < 1:
                 return f"no pixels ({width}x{height})"
-            img.draft("RGB", (64, 64))
+            if img.format in SCALED_DRAFT_FORMATS:
+                img.draft("RGB", (64, 64))
             img.load()
     except FileNotFoundError:
         return "file not found (moved or deleted)"
@@ -118,15 +128,16 @@ def jpeg_bytes(img: Image.Image, quality: int = 85) -> bytes:
 def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None = None) -> Image.Image:
     """Open an image upright (EXIF orientation applied) as RGB, refusing decompression bombs.
 
-    `draft` lets JPEGs decode at a reduced scale that is still at least draft x draft: far faster for
-    thumbnails and small training sizes, and no loss once the image is resized down anyway.
+    `draft` lets JPEGs decode at a reduced scale that is still at least draft x draft (HEIC: an embedded
+    thumbnail at least that big, when the file has one): far faster for thumbnails and small training sizes,
+    and no loss once the image is resized down anyway.
     """
     try:
         img = Image.open(path)
     except Image.DecompressionBombError as e:  # PIL's own refusal, at twice its limit: one error type for callers
         raise DataError(f"{Path(path).name}: decompression bomb: {e}") from None
     except Image.UnidentifiedImageError:
-        if is_heif(path):  # say what it is, so the user knows converting fixes it
+        if is_heif(path):  # say what it is: a HEIF file the decoder cannot read
             raise DataError(f"{Path(path).name}: {HEIF_REASON}.") from None
         raise
     with img:

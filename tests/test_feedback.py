@@ -52,7 +52,7 @@ def test_read_image_downscales_to_min_side():
         (b"", {}, "empty"),
         (b"hello, I am a text file pretending to be a PNG", {}, "not an image"),
         (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", {}, "not an image"),  # EPS is never opened
-        (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64), {}, "HEIC/HEIF images are not supported"),
+        (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64), {}, "HEIC/HEIF image that cannot be decoded"),
         (image_bytes("PNG")[:60], {}, "cannot be decoded"),
         (image_bytes("PNG"), {"max_bytes": 10}, "over the"),
         (image_bytes("PNG", size=(40, 40)), {"max_pixels": 1000}, "decompression bomb"),
