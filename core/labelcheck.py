@@ -34,7 +34,7 @@ from core.imagecache import DecodedImages
 from core.layouts import DataSource
 from core.listing import path_text
 from core.rundir import CHECK_LABELS, RunDir, remove_checkpoints
-from core.split import Split, group_keys, source_record
+from core.split import Split, fold_groups, source_record
 
 DEFAULT_FOLDS, MIN_FOLDS, MAX_FOLDS = 5, 2, 10
 TOP_PRINTED = 10  # rows of the ranking the command line prints
@@ -167,7 +167,7 @@ def _check(run_dir: Path, cfg: TrainConfig, settings: CheckSettings, report, sho
     run = RunDir(run_dir)
     device = distributed.setup(resolve_device(cfg.device))
     source, bad, split = prepare(cfg.data)
-    groups = group_keys(source, cfg.data)
+    groups = fold_groups(source, cfg.data)  # duplicates (core.keeptogether) share a fold too
     fold_of = assign_folds(source, split, cfg.data.seed, settings.folds, groups)
     checked = np.flatnonzero(fold_of >= 0)
     fold_cfg = settings.fold_config(cfg)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from core.cleanlog import OwnFileLinked
 from core.config import DataConfig
+from core.images import DataError
+from core.keeptogether import read_groups
 from core.layouts import DataSource
 
 SIDES = ("train", "valid", "test")
@@ -24,9 +27,10 @@ class Split:
     train: np.ndarray
     valid: np.ndarray
     test: np.ndarray = field(default_factory=lambda: np.array([], dtype=int))
+    kept_together: int = 0  # items moved after the draw to keep duplicates on one side (core.keeptogether)
 
     def to_dict(self) -> dict[str, list[int]]:
-        return {k: v.tolist() for k, v in asdict(self).items()}
+        return {side: getattr(self, side).tolist() for side in SIDES}
 
     @classmethod
     def from_sides(cls, sides: Sequence[str]) -> Split:
@@ -47,8 +51,13 @@ def split_items(source: DataSource, cfg: DataConfig) -> Split:
 
     A split fixed by the layout wins. Otherwise `valid_pct` of the items go to valid, per class when
     `stratify` is on (so small classes are still validated), and whole groups at a time when a group
-    key is set (so one photographer's photos never straddle train and valid).
+    key is set (so one photographer's photos never straddle train and valid). Either way the dataset's
+    keep-together groups (duplicates, core.keeptogether) are then moved onto one side each.
     """
+    return keep_together(source, _drawn_split(source, cfg))
+
+
+def _drawn_split(source: DataSource, cfg: DataConfig) -> Split:
     if source.fixed_split is not None:
         return Split.from_sides(source.fixed_split)
     rng = np.random.default_rng(cfg.seed)
@@ -64,6 +73,64 @@ def split_items(source: DataSource, cfg: DataConfig) -> Split:
     is_valid = np.zeros(len(source), dtype=bool)
     is_valid[valid] = True
     return Split(np.flatnonzero(~is_valid), np.flatnonzero(is_valid))
+
+
+def keep_together(source: DataSource, split: Split) -> Split:
+    """`split` with each keep-together group whose items span several sides moved wholly to the first side, in
+    the order train, valid, test, that holds one of them: a leaked copy leaves valid for train. Nothing is
+    redrawn, so every other item keeps its side; group members no longer in `source` are ignored."""
+    groups = _present_groups(source)
+    if not groups:
+        return split
+    sides = split.sides(len(source))
+    moved = 0
+    for items in groups:
+        held = {sides[i] for i in items} - {""}  # "": an item on no side stays on none
+        if len(held) > 1:
+            to = next(side for side in SIDES if side in held)
+            moved += sum(sides[i] not in ("", to) for i in items)
+            sides[[i for i in items if sides[i]]] = to
+    if not moved:
+        return split
+    return replace(Split.from_sides(sides), kept_together=split.kept_together + moved)
+
+
+def fold_groups(source: DataSource, cfg: DataConfig) -> list[str] | None:
+    """Group keys for K folds (core.labelcheck): the config's groups (`group_keys`), with the items of each
+    keep-together group sharing one key, so a duplicate is never scored by a model trained on its copy.
+    None when there are neither."""
+    keys = group_keys(source, cfg)
+    groups = _present_groups(source)
+    if not groups:
+        return keys
+    keys = keys or [_relative_if_inside(f, source.root) for f in source.files]
+    parent = {k: k for k in keys}  # union-find over keys: a duplicate joins its copy's whole group
+
+    def find(k: str) -> str:
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]  # path halving keeps chains short
+            k = parent[k]
+        return k
+
+    for items in groups:
+        for i in items[1:]:
+            parent[find(keys[i])] = find(keys[items[0]])
+    return [find(k) for k in keys]
+
+
+def _present_groups(source: DataSource) -> list[list[int]]:
+    """The dataset's keep-together groups as item indices of `source`, each with two or more items present."""
+    try:
+        groups = read_groups(source.root)
+    except OwnFileLinked as e:
+        raise DataError(str(e)) from None  # the pages' words for a dataset problem; no run trains past it
+    if not groups:
+        return []
+    index: dict[str, list[int]] = defaultdict(list)  # a CSV may name one file twice: both items move
+    for i, f in enumerate(source.files):
+        index[_relative_if_inside(f, source.root)].append(i)
+    present = [[i for path in group for i in index.get(path, [])] for group in groups]
+    return [items for items in present if len(items) > 1]
 
 
 def group_keys(source: DataSource, cfg: DataConfig) -> list[str] | None:
@@ -139,6 +206,7 @@ def source_record(source: DataSource, split: Split) -> dict:
         "vocab": source.vocab,
         "multi_label": source.multi_label,
         "fixed_split": source.fixed_split is not None,  # by the layout (folders, an is_valid column), not Loupe
+        "kept_together": int(split.kept_together),  # items moved to keep duplicate groups on one side
         "items": [
             {"file": _relative_if_inside(f, source.root), "labels": list(ls), "split": str(sd)}
             for f, ls, sd in zip(source.files, source.labels, split.sides(len(source)))
@@ -157,6 +225,8 @@ def describe_split(record: dict, cfg: DataConfig) -> str:
     sizes += f" · {n_test} test" if n_test else ""
     extra = sum(item["split"] == "train" and Path(item["file"]).is_absolute() for item in items)
     sizes += f", {extra} of the train images from extra folders" if extra else ""
+    moved = int(record.get("kept_together", 0))  # records written before keep-together groups: none moved
+    sizes += f", {moved} image{'s' * (moved != 1)} moved to keep duplicates on one side" if moved else ""
     # Records written before "fixed_split" existed: only the train/valid folder layout could be told apart.
     if not record.get("fixed_split", record.get("layout") == "split_folders"):
         how = f"random {cfg.valid_pct:.0%} split{' per class' if cfg.stratify else ''}, seed {cfg.seed}"
@@ -195,4 +265,4 @@ def source_from_record(record: dict) -> tuple[DataSource, Split]:
         multi_label=bool(record["multi_label"]),
         fixed_split=[it["split"] for it in items],
     )
-    return source, Split.from_sides(source.fixed_split)
+    return source, replace(Split.from_sides(source.fixed_split), kept_together=int(record.get("kept_together", 0)))
