@@ -1,4 +1,4 @@
-"""The command line: python -m core train|lr-find|check-labels|interpret|predict|demo ...
+"""The command line: python -m core train|lr-find|check-labels|health|interpret|predict|demo ...
 
 Exit codes: 0 done (or stopped on request), 1 the run failed, 2 bad arguments or input.
 """
@@ -201,6 +201,29 @@ def cmd_check_labels(a: argparse.Namespace) -> int:
     return code
 
 
+def cmd_health(a: argparse.Namespace) -> int:
+    from core.health import DEFAULT_MATCH, check_health
+    from core.healthjob import print_report, save_report, write_progress
+
+    cfg = DataConfig(path=str(Path(a.data).expanduser().resolve()), layout=a.layout, csv_file=a.csv_file,
+                     size=a.size, valid_pct=a.valid_pct, seed=a.seed, group_regex=a.group_regex,
+                     **({"label_regex": a.label_regex} if a.label_regex else {}))
+    progress = (lambda stage, done, total: write_progress(a.out, stage, done, total)) if a.out else None
+    threshold = DEFAULT_MATCH if a.threshold is None else a.threshold
+    report = check_health(cfg, a.run_dir, progress)
+    if a.out:
+        save_report(report, a.out)
+    if a.json:
+        summary = report.summary(threshold)
+        if a.all_pairs:  # every candidate pair with its scores, and every file: what bench/health.py scores
+            summary["pairs"] = report.near_pairs(-1.0).to_dict(orient="list")
+            summary["files"] = report.items["file"].tolist()
+        print(json.dumps(summary))
+    else:
+        print_report(report, threshold)
+    return 0
+
+
 def cmd_interpret(a: argparse.Namespace) -> int:
     from core import interpret
     from core.job import interpret_run
@@ -275,6 +298,24 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--gpus", type=int, default=1, help="processes (GPUs): above 1 under torchrun (DDP)")
     check.add_argument("--create-only", action="store_true", help="write the run directory, print it, run nothing")
     check.set_defaults(func=cmd_check_labels)
+
+    health = sub.add_parser("health", help="duplicates, leaks across the split and outliers of a dataset")
+    health.add_argument("data", help="dataset folder")
+    health.add_argument("--run-dir", type=Path, help="a finished run: its model embeds the images, its split "
+                        "tells the leaks (default: no model; the split Loupe would draw)")
+    health.add_argument("--layout", default="auto", choices=LAYOUTS)
+    health.add_argument("--label-regex", help="filename_regex layout: the first group is the label")
+    health.add_argument("--csv", dest="csv_file", help="csv layout: CSV file name inside the dataset folder")
+    health.add_argument("--size", type=int, default=224, help="image side without a run (the decode cache's key)")
+    health.add_argument("--valid-pct", type=float, default=0.2)
+    health.add_argument("--seed", type=int, default=42)
+    health.add_argument("--group-regex", help="keep items whose paths share this match on one side of the split")
+    health.add_argument("--threshold", type=float, default=None,
+                        help="pixel match (0-1) above which a pair is a near duplicate (default: measured)")
+    health.add_argument("--json", action="store_true", help="print one JSON object (duplicates, leaks, outliers)")
+    health.add_argument("--all-pairs", action="store_true", help="with --json: every candidate pair and file too")
+    health.add_argument("--out", type=Path, help="also save the report (and progress while it runs) in this folder")
+    health.set_defaults(func=cmd_health)
 
     interp = sub.add_parser("interpret", help="top losses and most-confused pairs of a finished run")
     interp.add_argument("--run-dir", type=Path, required=True)
