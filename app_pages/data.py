@@ -6,7 +6,7 @@ import streamlit as st
 
 from core.images import DataError
 from core.layouts import LAYOUT_NAMES
-from ui import data_chooser, data_gallery, data_view
+from ui import data_chooser, data_gallery, data_health, data_view
 from ui.state import current_dataset
 
 st.title("Data")
@@ -38,6 +38,7 @@ except DataError as e:
 header.caption(f"`{dataset}` · {LAYOUT_NAMES[source.layout]}{' · multi-label' if source.multi_label else ''}")
 data_view.render_summary(source, bad, split)
 data_view.render_warnings(source, bad, split)
+data_health.render_health(source, split, cfg)
 data_view.render_charts(source, split)
 data_gallery.render_problems(source, bad)
 data_gallery.render_gallery(source, split)

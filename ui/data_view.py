@@ -1,7 +1,8 @@
 """The Data page's analysis: how to read and split the dataset, the cached result, its summary, warnings and
 charts (choosing a dataset: ui.data_chooser; galleries and augmentations: ui.data_gallery).
 
-Everything slow is cached: the labelled, verified split by (folder, options, a cheap listing signature),
+Everything slow is cached: the labelled, verified split by (folder, options, a cheap listing signature, the
+keep-together groups' version),
 image sizes by the sampled paths, thumbnails by ui.gallery/ui.cache, augmentation previews by paths and mtimes.
 """
 
@@ -18,7 +19,7 @@ import plotly.express as px
 import streamlit as st
 from PIL import Image
 
-from core import data, layouts, listing
+from core import data, keeptogether, layouts, listing
 from core.data import DataConfig
 from core.images import BadImage, DataError
 from core.layouts import DataSource
@@ -127,13 +128,16 @@ def render_options(dataset: str) -> DataConfig:
 
 
 @st.cache_data(max_entries=8, show_spinner="Reading the labels and checking every image…")
-def _prepare(config_json: str, signature: tuple[int, int]) -> tuple[DataSource, list[BadImage], Split]:
+def _prepare(config_json: str, signature: tuple[int, int], groups: tuple[int, int, int]
+             ) -> tuple[DataSource, list[BadImage], Split]:
     return data.prepare(DataConfig(**json.loads(config_json)))
 
 
 def prepare(cfg: DataConfig) -> tuple[DataSource, list[BadImage], Split]:
-    """core.data.prepare, computed once per folder state and options."""
-    return _prepare(json.dumps(asdict(cfg), sort_keys=True), listing.listing_signature(cfg.path))
+    """core.data.prepare, computed once per folder state, keep-together groups (the listing skips .loupe, where
+    they live) and options."""
+    return _prepare(json.dumps(asdict(cfg), sort_keys=True), listing.listing_signature(cfg.path),
+                    keeptogether.groups_version(cfg.path))
 
 
 # ---------------------------------------------------------------- summary and warnings

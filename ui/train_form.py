@@ -18,6 +18,7 @@ from core.data import MIN_BATCHES_PER_EPOCH, DataFacts, data_facts, suggested_ba
 from core.env import runs_dir
 from core.feedback import feedback_counts, feedback_dataset
 from core.images import DataError
+from core.keeptogether import groups_version
 from core.listing import listing_signature
 from core.model import ARCHS, pretrained_available
 from core.rundir import RunDir
@@ -275,7 +276,7 @@ def _data_config(dataset: str, data_options: dict) -> DataConfig:
 
 
 @st.cache_data(max_entries=16, show_spinner="Counting the images…")
-def _facts(config_json: str, signature: tuple[int, int]) -> DataFacts | None:
+def _facts(config_json: str, signature: tuple[int, int], groups: tuple[int, int, int]) -> DataFacts | None:
     try:
         return data_facts(DataConfig(**json.loads(config_json)))
     except (DataError, OSError, ValueError):  # the Data page says what is wrong with the folder
@@ -288,7 +289,8 @@ def dataset_facts(dataset: str, data_options: dict) -> DataFacts | None:
         cfg = _data_config(dataset, data_options)
     except ValueError:
         return None
-    return _facts(json.dumps(asdict(cfg), sort_keys=True), listing_signature(dataset))
+    # groups: the keep-together file changes the split but not the listing (which skips .loupe)
+    return _facts(json.dumps(asdict(cfg), sort_keys=True), listing_signature(dataset), groups_version(dataset))
 
 
 def dataset_caption(dataset: str, data_options: dict, facts: DataFacts | None) -> str:
