@@ -79,17 +79,19 @@ def _score(report: dict, truth: dict, known: list[tuple[str, str]], thresholds: 
           f" own); {len(pairs)} candidate pairs; {len(exact)} exact pairs")
     found_cand = sum(frozenset((a, b)) in true for a, b in zip(pairs["file_a"], pairs["file_b"]))
     print(f"candidates hold {found_cand + len(true & exact)} of the true pairs")
-    print("| match >= | copies found | reported pairs | false pairs | false share | leaks found |")
-    print("|---|---|---|---|---|---|")
+    print("| match >= | planted copies found | the source's own pairs found | reported pairs | false pairs | "
+          "false share | planted leaks found |")
+    print("|---|---|---|---|---|---|---|")
+    planted = {frozenset((c["original"], c["copy"])) for c in truth["copies"]}
     planted_across = {frozenset((c["original"], c["copy"])) for c in truth["copies"] if c["across"]}
     for t in thresholds:
         near = pairs[pairs["match"] >= t]
         reported = {frozenset((a, b)) for a, b in zip(near["file_a"], near["file_b"])} | exact
-        hits = len(reported & true)
+        found, own = len(reported & planted), len((reported & true) - planted)
         false = len(reported - true)
-        leaks = sum(p in reported for p in planted_across)
-        print(f"| {t:.2f} | {hits}/{len(true)} ({hits / len(true):.0%}) | {len(reported)} | {false} | "
-              f"{false / max(len(reported), 1):.0%} | {leaks}/{len(planted_across)} |")
+        leaks = len(reported & planted_across)
+        print(f"| {t:.2f} | {found}/{len(planted)} ({found / len(planted):.0%}) | {own}/{len(true - planted)} | "
+              f"{len(reported)} | {false} | {false / max(len(reported), 1):.0%} | {leaks}/{len(planted_across)} |")
     near = pairs[pairs["match"] >= thresholds[0]]
     for a, b, m in zip(near["file_a"], near["file_b"], near["match"]):
         if frozenset((a, b)) not in true:
@@ -110,17 +112,22 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--no-train", action="store_true", help="no run: the check embeds without a model of the data")
+    p.add_argument("--reuse", action="store_true", help="with --work: keep the data and run made there before")
     p.add_argument("--thresholds", default="0.6,0.65,0.68,0.7,0.72,0.75,0.8")
     a = p.parse_args()
     work = a.work or Path(tempfile.mkdtemp(prefix="loupe-health-"))
     data = work / "data"
-    truth = make_injected(a.data, data, seed=a.seed)
+    run = work / "runs" / "health"
+    reuse = a.reuse and (work / "truth.json").exists() and (a.no_train or (run / "model.safetensors").exists())
+    truth = json.loads((work / "truth.json").read_text()) if reuse else make_injected(a.data, data, seed=a.seed)
     env = {**os.environ, "LOUPE_HOME": str(work / "home"), "PYTHONUNBUFFERED": "1"}
     args = ["health", str(data), "--json", "--all-pairs"]
     if not a.no_train:
-        started = time.monotonic()
-        args += ["--run-dir", str(_train(data, work, env, a.epochs))]
-        print(f"trained in {time.monotonic() - started:.0f} s")
+        if not reuse:
+            started = time.monotonic()
+            _train(data, work, env, a.epochs)
+            print(f"trained in {time.monotonic() - started:.0f} s")
+        args += ["--run-dir", str(run)]
     started = time.monotonic()
     done = _python(*args, env=env)
     if done.returncode:

@@ -2,17 +2,17 @@
 
 How it works (figures and the measurements behind each default: docs/benchmarks.md, "Dataset health"):
 
-- Every image is read once as the decode cache's presized square (core.imagecache), so a warm cache
-  (a run trained on the folder) means no JPEG is decoded again.
+- Every image is read once as the decode cache's presized square (core.imagecache; a warm cache, from a run
+  trained on the folder, means no JPEG is decoded again) and reduced to a digest (core.healthdigest).
 - **Exact duplicates**: same square (a hash of its bytes) confirmed by the SHA-256 of the full decoded
   pixels, upright and RGB: a re-saved JPEG with new metadata is the same photo; the file bytes would say not.
-- **Embeddings** (`Embedding.how` says which): the selected run's model (the head's pooled features, the
+- **Embeddings** (`HealthReport.how` says which): the selected run's model (the head's pooled features, the
   penultimate layer), else an ImageNet-pretrained backbone where its weights are on this machine, else a
   perceptual hash of the pixels (DCT of a small grey image). Each image is embedded with its mirror image
   and the two added, so a mirrored copy has the same embedding; vectors are centred on the dataset's mean
   (pooled ReLU features share a large common part that makes every cosine near 1).
 - **Near duplicates**: each image's nearest neighbours by cosine are the candidates; each candidate pair
-  is then matched pixel by pixel (`match_pairs`: the best normalised correlation of one image over the
+  is then matched pixel by pixel (core.healthmatch: the best normalised correlation of one image over the
   other, shifted, scaled 0.8-1 and mirrored). Cosine alone, even from a trained model, ranks look-alike
   photos (teddies on white) as close as real copies; the match is what tells a copy from a look-alike.
 - **Outliers**: images whose colour statistics are far from their nearest neighbours' (and, with a pretrained
@@ -24,20 +24,20 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
-from core.augment import normalize, presize_side, resize_batch
+from core.augment import presize_side
 from core.config import DataConfig
 from core.data import prepare
 from core.fileio import read_json
-from core.imagecache import DecodedImages
+from core.healthdigest import Digest, Progress, digest
+from core.healthmatch import match_pairs
 from core.images import open_image
 from core.layouts import DataSource
 from core.rundir import RunDir
@@ -46,20 +46,6 @@ DEFAULT_MATCH = 0.65  # the pixel match above which a candidate pair is reported
 NEIGHBOURS = 5  # candidates per image for the pixel match (true copies are the first neighbour 27 times in 28)
 OUTLIER_NEIGHBOURS = 30  # at most: an outlier is far from this many nearest neighbours, not just the first
 MAP_MAX_POINTS = 3000  # t-SNE beyond this is slow on a CPU: the map shows a sample, and says so
-MATCH_SIDE = 48  # pixels of the grey images compared (enough for a copy's layout, cheap for thousands of pairs)
-MATCH_SCALES = (1.0, 0.93, 0.86, 0.8)  # how much smaller the copy's square may be (crops of up to ~20%)
-COLOUR_WEIGHT = 0.5  # how much a difference in mean colour (0-1) lowers the match
-BATCH = 64
-
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
-
-
-@dataclass
-class Embedding:
-    vectors: np.ndarray  # [N, D] float32, centred, unit length
-    probs: np.ndarray | None  # [N, C] the run's probabilities, None without a run
-    how: str  # in words, for the page: which model (or none) made the vectors
-    kind: str = "run"  # "run", "pretrained" or "pixels"
 
 
 @dataclass
@@ -130,117 +116,30 @@ class HealthReport:
         }
 
 
-# ---------------------------------------------------------------- reading the images
+# ---------------------------------------------------------------- exact and near duplicates
 
 
-def _squares(files: Sequence[Path], side: int, progress: Progress | None) -> tuple[np.ndarray, list[int]]:
-    """The decode cache's uint8 squares [N, 3, side, side] (decoded now where the cache is cold), and the
-    indices that failed (a file removed since it was listed): their squares stay black and are dropped later."""
-    cache = DecodedImages(files, side)
-    failed = cache.warm(on_progress=(lambda d, t: progress("reading images", d, t)) if progress else None)
-    out = np.zeros((len(files), 3, side, side), dtype=np.uint8)
-    bad = set(failed)
-    for i in range(len(files)):
-        if i not in bad:
-            out[i] = cache[i]
-    return out, failed
-
-
-def exact_groups(files: Sequence[Path], squares: np.ndarray) -> list[list[int]]:
-    """Groups of indices whose images have identical decoded pixels. The squares' hash finds candidates
-    cheaply; only those are decoded in full and compared by SHA-256 (a square is only the centre)."""
+def exact_groups(files: Sequence[Path], hashes: Sequence[bytes]) -> list[list[int]]:
+    """Groups of indices whose images have identical decoded pixels. Equal squares (their hashes) are the
+    candidates; only those are decoded in full and compared by SHA-256 (a square is only the centre)."""
     by_square: dict[bytes, list[int]] = {}
-    for i, square in enumerate(squares):
-        by_square.setdefault(hashlib.blake2b(square.tobytes(), digest_size=16).digest(), []).append(i)
+    for i, key in enumerate(hashes):
+        by_square.setdefault(key, []).append(i)
     groups = []
     for candidates in (c for c in by_square.values() if len(c) > 1):
         by_pixels: dict[str, list[int]] = {}
         for i in candidates:
             img = open_image(files[i])
-            key = f"{img.size}:{hashlib.sha256(img.tobytes()).hexdigest()}"
-            by_pixels.setdefault(key, []).append(i)
+            by_pixels.setdefault(f"{img.size}:{hashlib.sha256(img.tobytes()).hexdigest()}", []).append(i)
         groups += [g for g in by_pixels.values() if len(g) > 1]
     return sorted(groups)
 
 
-# ---------------------------------------------------------------- embeddings
-
-
 def _centred(vectors: np.ndarray) -> np.ndarray:
+    """Centred on the dataset's mean, unit length: pooled ReLU features share a large common part that makes
+    every raw cosine near 1."""
     z = vectors - vectors.mean(0, keepdims=True)
     return (z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-8)).astype(np.float32)
-
-
-def _model_features(body: torch.nn.Module, pool: torch.nn.Module, head: torch.nn.Module | None, squares: np.ndarray,
-                    size: int, mean, std, progress: Progress | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Pooled features of each image plus its mirror image, and the head's probabilities (when a head)."""
-    feats, probs = [], []
-    device = next(body.parameters()).device
-    with torch.inference_mode():
-        for start in range(0, len(squares), BATCH):
-            x = torch.from_numpy(squares[start : start + BATCH]).to(device)
-            x = normalize(resize_batch(x, size), mean, std).contiguous(memory_format=torch.channels_last)
-            fmap = body(x)
-            feats.append((pool(fmap) + pool(body(x.flip(3)))).float().cpu())
-            if head is not None:
-                probs.append(head(fmap).float().cpu())
-            if progress:
-                progress("embedding", min(start + BATCH, len(squares)), len(squares))
-    logits = torch.cat(probs) if probs else None
-    return torch.cat(feats).numpy(), logits
-
-
-def run_embedding(run_dir: Path, squares: np.ndarray, progress: Progress | None) -> Embedding:
-    """The run's model: penultimate (pooled) features and its probabilities."""
-    from core.bundle import load_bundle
-
-    bundle = load_bundle(RunDir(run_dir).bundle, device="cpu")
-    body, head = bundle.model[0], bundle.model[1]
-    body.to(memory_format=torch.channels_last)
-    pool = head[:2]  # concat (or average) pooling and flatten: the features the head's layers start from
-    feats, logits = _model_features(body, pool, head, squares, bundle.meta.size, bundle.meta.mean, bundle.meta.std,
-                                    progress)
-    assert logits is not None
-    probs = logits.sigmoid() if bundle.meta.task != "single_label" else logits.softmax(1)
-    return Embedding(_centred(feats), probs.numpy(), f"the model of run {Path(run_dir).name} (penultimate layer)")
-
-
-def pretrained_embedding(arch: str, squares: np.ndarray, size: int, progress: Progress | None) -> Embedding:
-    from core.augment import IMAGENET_MEAN, IMAGENET_STD
-    from core.model import AdaptiveConcatPool2d, ModelConfig, build_model
-
-    model = build_model(ModelConfig(arch=arch, pretrained=True), n_out=2).eval()
-    body = model[0].to(memory_format=torch.channels_last)
-    pool = torch.nn.Sequential(AdaptiveConcatPool2d(), torch.nn.Flatten())
-    feats, _ = _model_features(body, pool, None, squares, size, IMAGENET_MEAN, IMAGENET_STD, progress)
-    return Embedding(_centred(feats), None, f"an ImageNet-pretrained {arch} (no run selected)", "pretrained")
-
-
-def pixel_embedding(squares: np.ndarray) -> Embedding:
-    """A perceptual hash as a vector: the low frequencies of a 32-pixel grey image's DCT (pHash's 8x8 block,
-    the constant term left out). Coefficients odd in x change sign under a mirror, so they enter as magnitudes."""
-    from scipy.fft import dctn
-
-    grey = _grey(torch.from_numpy(squares), 32).numpy()[:, 0]
-    coeffs = dctn(grey, axes=(1, 2), norm="ortho")[:, :8, :8].copy()
-    coeffs[:, :, 1::2] = np.abs(coeffs[:, :, 1::2])
-    vectors = coeffs.reshape(len(squares), -1)[:, 1:]
-    return Embedding(_centred(vectors), None, "a perceptual hash of the pixels (no run, no pretrained weights)",
-                     "pixels")
-
-
-def embed(squares: np.ndarray, run_dir: Path | None, size: int, progress: Progress | None = None) -> Embedding:
-    """The best embedding this machine offers: the run's model, a pretrained backbone, or the pixels."""
-    from core.model import pretrained_available
-
-    if run_dir is not None:
-        return run_embedding(run_dir, squares, progress)
-    if pretrained_available("resnet18"):
-        return pretrained_embedding("resnet18", squares, size, progress)
-    return pixel_embedding(squares)
-
-
-# ---------------------------------------------------------------- near duplicates
 
 
 def candidate_pairs(vectors: np.ndarray, k: int = NEIGHBOURS) -> pd.DataFrame:
@@ -265,75 +164,11 @@ def candidate_pairs(vectors: np.ndarray, k: int = NEIGHBOURS) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
-def _grey(squares: torch.Tensor, side: int) -> torch.Tensor:
-    g = (squares.float() * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(-3, keepdim=True)
-    return F.interpolate(g, size=(side, side), mode="area")
-
-
-def _gradient(g: torch.Tensor) -> torch.Tensor:
-    gx, gy = g[..., :-1, 1:] - g[..., :-1, :-1], g[..., 1:, :-1] - g[..., :-1, :-1]
-    return torch.sqrt(gx**2 + gy**2 + 1e-6)
-
-
-def _best_correlation(images: torch.Tensor, templates: torch.Tensor) -> torch.Tensor:
-    """For each pair p, the highest normalised cross-correlation of templates[p] at any position in images[p]
-    (one grouped convolution for all pairs)."""
-    p, _, h, w = templates.shape
-    t = templates - templates.mean((2, 3), keepdim=True)
-    t = t / t.flatten(1).norm(dim=1).clamp_min(1e-6)[:, None, None, None]
-    num = F.conv2d(images.transpose(0, 1), t, groups=p)[0]
-    ones = torch.ones(1, 1, h, w)
-    s1, s2 = F.conv2d(images, ones)[:, 0], F.conv2d(images**2, ones)[:, 0]
-    var = (s2 - s1**2 / (h * w)).clamp_min(1e-3 * h * w)  # flat patches: no correlation, not a division by ~0
-    return (num / var.sqrt()).flatten(1).max(1).values.clamp(-1, 1)
-
-
-def match_pairs(squares: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """How well the pixels of image a[i] and b[i] line up, in [-1, 1]: the mean, over the grey image and its
-    gradient magnitude, of the best correlation of either image, shrunk by a scale in MATCH_SCALES and
-    mirrored or not, at any shift over the other, less the distance of their mean colours (grey structure
-    alone cannot tell two colour gradients apart; a copy keeps its colours). How well this tells resized,
-    recompressed, cropped and mirrored copies from look-alike photos is measured in docs/benchmarks.md."""
-    out = np.empty(len(a), dtype=np.float32)
-    for start in range(0, len(a), chunk):
-        ia = torch.tensor(np.array(a[start : start + chunk], dtype=np.int64))
-        ib = torch.tensor(np.array(b[start : start + chunk], dtype=np.int64))
-        pa, pb = torch.from_numpy(squares[ia.numpy()]), torch.from_numpy(squares[ib.numpy()])
-        scores = []
-        for grad in (False, True):
-            best = torch.full((len(ia),), -1.0)
-            for src, dst in ((pa, pb), (pb, pa)):
-                target = _grey(dst, MATCH_SIDE)
-                target = _gradient(target) if grad else target
-                for scale in MATCH_SCALES:
-                    tpl = _grey(src, max(8, round(MATCH_SIDE * scale)))
-                    tpl = _gradient(tpl) if grad else tpl
-                    for t in (tpl, tpl.flip(3)):
-                        best = torch.maximum(best, _best_correlation(target, t))
-            scores.append(best)
-        colour = (pa.float().mean((2, 3)) - pb.float().mean((2, 3))).norm(dim=1) / (255 * 3**0.5)
-        out[start : start + len(ia)] = ((scores[0] + scores[1]) / 2 - COLOUR_WEIGHT * colour).numpy()
-    return out
-
-
 # ---------------------------------------------------------------- outliers and the map
 
 
 def _rank01(values: np.ndarray) -> np.ndarray:
     return pd.Series(values).rank(pct=True).to_numpy()
-
-
-def colour_histograms(squares: np.ndarray, levels: int = 8) -> np.ndarray:
-    """Each image's joint RGB histogram (`levels` per channel), square-rooted so that cosine is the Hellinger
-    affinity: what colours an image is made of, whatever their layout."""
-    out = np.empty((len(squares), levels**3), dtype=np.float32)
-    for start in range(0, len(squares), 256):
-        q = torch.from_numpy(squares[start : start + 256]).long() * levels // 256
-        codes = (q[:, 0] * levels + q[:, 1]) * levels + q[:, 2]
-        offsets = torch.arange(len(q))[:, None, None] * levels**3
-        counts = torch.bincount((codes + offsets).flatten(), minlength=len(q) * levels**3).view(len(q), -1).float()
-        out[start : start + len(q)] = (counts / counts.sum(1, keepdim=True)).sqrt().numpy()
-    return out
 
 
 def neighbour_distance(vectors: np.ndarray, k: int) -> np.ndarray:
@@ -350,24 +185,24 @@ def neighbour_distance(vectors: np.ndarray, k: int) -> np.ndarray:
     return dist
 
 
-def outlier_columns(emb: Embedding, squares: np.ndarray) -> dict[str, np.ndarray]:
-    """Per image: `colour_far` (how unlike its nearest neighbours its colours are), `embedding_far` (the same
+def outlier_columns(dig: Digest) -> dict[str, np.ndarray]:
+    """Per image: `colour_far` (how unlike its nearest neighbours' its colours are), `embedding_far` (the same
     in embedding space), `doubt` (1 - the run's highest probability; with a run) and `outlier`, the ranking
     shown (higher = more suspicious). On the bear photos with planted off-topic images, colour statistics
-    find far more of them than a from-scratch model's embedding or its doubt, which have learnt the off-topic
-    images as their class (docs/benchmarks.md); an ImageNet backbone knows what a photo of anything looks
-    like, so its embedding joins the ranking."""
-    n = len(squares)
+    find far more of them than a from-scratch model's embedding or its doubt: the model has learnt the
+    off-topic images as their class (docs/benchmarks.md). An ImageNet backbone knows what photos of anything
+    look like, so where one embedded the images its distance joins the ranking."""
+    n = len(dig.hashes)
     if n < 3:
         zeros = np.zeros(n)
         return {"outlier": zeros, "colour_far": zeros, "embedding_far": zeros}
     k = int(np.clip(n // 20, 3, OUTLIER_NEIGHBOURS))  # a few off-topic images may look alike: look past them
-    columns = {"colour_far": neighbour_distance(colour_histograms(squares), k),
-               "embedding_far": neighbour_distance(emb.vectors, k)}
-    if emb.probs is not None:
-        columns["doubt"] = 1 - emb.probs.max(1)
+    columns = {"colour_far": neighbour_distance(dig.histograms, k),
+               "embedding_far": neighbour_distance(dig.features, k)}
+    if dig.probs is not None:
+        columns["doubt"] = 1 - dig.probs.max(1)
     ranked = _rank01(columns["colour_far"])
-    if emb.kind == "pretrained":
+    if dig.kind == "pretrained":
         ranked = (ranked + _rank01(columns["embedding_far"])) / 2
     return {"outlier": ranked, **columns}
 
@@ -417,34 +252,33 @@ def check_health(cfg: DataConfig, run_dir: str | Path | None = None, progress: P
 
         cfg = load_config(run_path).data
     source, sides = _items_and_sides(cfg, run_path)
-    squares, failed = _squares(source.files, presize_side(cfg.size), progress)
-    keep = np.setdiff1d(np.arange(len(source)), failed)
-    squares, files = squares[keep], [source.files[i] for i in keep]
-    labels = [" ".join(source.labels[i]) for i in keep]
-    sides = sides[keep]
+    dig = digest(source.files, presize_side(cfg.size), run_path, cfg.size, progress)
+    keep = np.setdiff1d(np.arange(len(source)), dig.failed)
+    files, labels, sides = [source.files[i] for i in keep], [" ".join(source.labels[i]) for i in keep], sides[keep]
     if progress:
         progress("exact duplicates", 0, 1)
-    exact = exact_groups(files, squares)
-    emb = embed(squares, run_path, cfg.size, progress)
-    pairs = candidate_pairs(emb.vectors)
-    if progress:
-        progress("matching pairs", 0, len(pairs))
+    exact = exact_groups(files, dig.hashes)
+    vectors = _centred(dig.features)
+    pairs = candidate_pairs(vectors)
     exact_set = {(min(a, b), max(a, b)) for g in exact for a in g for b in g if a != b}
     pairs = pairs[[(a, b) not in exact_set for a, b in zip(pairs["a"], pairs["b"])]].reset_index(drop=True)
-    pairs["match"] = match_pairs(squares, pairs["a"].to_numpy(), pairs["b"].to_numpy())
+    if progress:
+        progress("matching pairs", 0, len(pairs))
+    pairs["match"] = match_pairs(dig.grey, dig.colour, pairs["a"].to_numpy(), pairs["b"].to_numpy())
     if progress:
         progress("map", 0, 1)
-    chosen, xy = project(emb.vectors)
+    chosen, xy = project(vectors)
     coords = np.full((len(files), 2), np.nan)
     coords[chosen] = xy
     rel = [f.relative_to(source.root).as_posix() if f.is_relative_to(source.root) else str(f) for f in files]
-    items = pd.DataFrame({"file": rel, "label": labels, "side": sides.astype(str), **outlier_columns(emb, squares),
+    items = pd.DataFrame({"file": rel, "label": labels, "side": sides.astype(str), **outlier_columns(dig),
                           "x": coords[:, 0], "y": coords[:, 1]})
-    if emb.probs is not None:
+    if dig.probs is not None:
         vocab = _run_vocab(run_path)
-        items["predicted"] = [vocab[i] for i in emb.probs.argmax(1)] if vocab else ""
-        items["max_prob"] = emb.probs.max(1)
-    return HealthReport(str(source.root), emb.how, items, exact, pairs, list(source.vocab),
+        items["predicted"] = [vocab[i] for i in dig.probs.argmax(1)] if vocab else ""
+        items["max_prob"] = dig.probs.max(1)
+    how = dig.how + ("" if run_path or dig.kind != "pretrained" else " (no run selected)")
+    return HealthReport(str(source.root), how, items, exact, pairs, list(source.vocab),
                         run_path.name if run_path else None, time.monotonic() - started, len(chosen) < len(files))
 
 

@@ -16,8 +16,9 @@ from PIL import Image, ImageDraw, ImageOps
 
 from core import healthjob
 from core.config import DataConfig
-from core.health import DEFAULT_MATCH, check_health, match_pairs
-from core.imagecache import DecodedImages
+from core.health import DEFAULT_MATCH, check_health
+from core.healthdigest import digest
+from core.healthmatch import match_pairs
 from core.keeptogether import add_groups
 from core.split import split_items
 
@@ -94,11 +95,11 @@ def test_the_off_topic_image_is_the_top_outlier(report, planted):
     assert "perceptual hash" in report.how  # no run and no pretrained weights on a test machine
 
 
-def test_the_match_tells_a_copy_from_a_look_alike(planted, tmp_path):
+def test_the_match_tells_a_copy_from_a_look_alike(planted, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOUPE_HOME", str(tmp_path))
     files = [planted["root"] / f for f in ("train/red/0.jpg", "valid/red/copy.jpg", "train/red/1.jpg")]
-    cache = DecodedImages(files, 74, root=tmp_path)
-    squares = np.stack([cache[i] for i in range(3)])
-    copy, look_alike = match_pairs(squares, np.array([0, 0]), np.array([1, 2]))
+    dig = digest(files, 74, None, 64)
+    copy, look_alike = match_pairs(dig.grey, dig.colour, np.array([0, 0]), np.array([1, 2]))
     assert copy >= DEFAULT_MATCH > look_alike
 
 
