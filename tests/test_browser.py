@@ -17,7 +17,10 @@ from browser_support import CHROMIUM_ARGS, find_chromium, no_dialog, streamlit_s
 from core import runs
 from core.data import DataConfig
 from core.demo import DemoSpec, make_demo_dataset
+from core.env import runs_dir
 from core.fileio import atomic_write_json
+from core.health import check_health
+from core.healthjob import job_folder, save_report
 from core.job import run_training
 from core.labelcheck import CheckSettings, create_check, run_label_check
 from core.model import ModelConfig
@@ -38,7 +41,8 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in r
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    """A workspace as a user has it after the demo workflow: the demo dataset and one finished run."""
+    """A workspace as a user has it after the demo workflow: the demo dataset, one finished run, a label check
+    and the Data page's health report of the dataset with that run's model."""
     home = tmp_path_factory.mktemp("browser-home")
     old = os.environ.get("LOUPE_HOME")
     os.environ["LOUPE_HOME"] = str(home)
@@ -56,6 +60,9 @@ def workspace(tmp_path_factory) -> Path:
         assert run_training(run_dir) == 0
         check = create_check(cfg, CheckSettings(folds=2), root=home / "runs")  # Clean then ranks by it
         assert run_label_check(check) == 0
+        page_cfg = DataConfig(path=str(demo))  # how the Data page reads the folder by default: its report's folder
+        report = check_health(page_cfg, run_dir)
+        save_report(report, job_folder(page_cfg, runs_dir() / run_dir.name))
     finally:
         if old is None:
             os.environ.pop("LOUPE_HOME")
@@ -99,7 +106,7 @@ def test_the_workflow_in_a_real_browser(workspace):
         page.screenshot(path=str(ARTIFACTS / "clean-check.png"), full_page=True)
         ranking.get_by_text("Training loss (in sample)").click()
         wait_for_app(page)
-        main.get_by_text(re.compile(r"loss -?\d\.\d\d")).first.wait_for(timeout=60_000)
+        main.get_by_text(re.compile(r"loss -?\d+\.\d\d")).first.wait_for(timeout=60_000)
         assert page.locator("[data-testid='stException']").count() == 0
 
         # Predict: upload an image and see a prediction.
@@ -111,6 +118,58 @@ def test_the_workflow_in_a_real_browser(workspace):
         main_text = page.locator("[data-testid='stMain']").inner_text()
         assert any(label in main_text for label in ("circle", "square", "triangle"))
         page.screenshot(path=str(ARTIFACTS / "predict-upload.png"), full_page=True)
+        browser.close()
+    assert not errors, errors
+
+
+def _lasso(page, plot, corners: list[tuple[float, float]]) -> None:
+    """Drag the mouse over `plot`'s drawing area through `corners` (fractions of its width and height)."""
+    area = plot.locator(".nsewdrag").first
+    area.wait_for(timeout=60_000)
+    box = area.bounding_box()
+    points = [(box["x"] + box["width"] * fx, box["y"] + box["height"] * fy) for fx, fy in corners]
+    page.mouse.move(*points[0])
+    page.mouse.down()
+    for x, y in points[1:] + points[:1]:
+        page.mouse.move(x, y, steps=8)
+    page.mouse.up()
+
+
+def test_the_data_map_selects_images_and_sends_them_to_clean(workspace):
+    """Issue 13: on the Data page's health Map, a lasso around every dot shows their images; "Delete these N in
+    Clean" opens Clean with the N staged to delete."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    n_images = sum(1 for _ in (workspace / "demo").rglob("*.png"))
+    with streamlit_server(workspace) as url, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        _open(page, f"{url}/data")
+        page.get_by_role("tab", name="Map").click()
+        plot = page.locator("[class*='st-key-data_map_label'] .js-plotly-plot")
+        plot.wait_for(timeout=60_000)
+        main = page.locator("[data-testid='stMain']")
+        assert main.get_by_text("select points").count() >= 1  # the caption says how to see the images
+        page.locator("[class*='st-key-data_map_label']").scroll_into_view_if_needed()
+        _lasso(page, plot, [(0.005, 0.005), (0.995, 0.005), (0.995, 0.995), (0.005, 0.995)])
+        main.get_by_text(f"{n_images} images selected").wait_for(timeout=60_000)
+        wait_for_app(page)
+        shown = main.locator("[data-testid='stTabPanel'] [data-testid='stImage'] img:visible")  # the Map tab's
+        shown.first.wait_for(timeout=60_000)
+        assert shown.count() == min(n_images, 48)
+        assert shown.first.evaluate("img => img.naturalWidth") > 0
+        page.screenshot(path=str(ARTIFACTS / "data-map-selected.png"), full_page=True)
+
+        page.get_by_role("button", name=f"Delete these {n_images} in Clean").click()
+        page.wait_for_url("**/clean", timeout=60_000)
+        wait_for_app(page)
+        staged = main.locator("[data-testid='stMarkdownContainer']", has_text="to delete")
+        staged.first.wait_for(timeout=60_000)
+        assert re.search(rf"\b{n_images}\s+to delete,\s+0\s+to relabel", staged.first.inner_text()), \
+            staged.first.inner_text()
+        assert page.locator("[data-testid='stException']").count() == 0
+        page.screenshot(path=str(ARTIFACTS / "data-map-to-clean.png"), full_page=True)
         browser.close()
     assert not errors, errors
 

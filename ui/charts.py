@@ -175,3 +175,65 @@ def confusion_figure(cm: np.ndarray, vocab: list[str], normalised: bool) -> go.F
                                  "constrain": "domain"},
                       yaxis={"title": "Actual", "autorange": "reversed", "scaleanchor": "x", "constrain": "domain"})
     return fig
+
+
+# The colourings of the data map: categorical columns get one trace (and legend entry) per value, scores a scale.
+MAP_CATEGORICAL = ("label", "predicted", "side")
+MAP_HOVER = ("file", "label", "side", "predicted", "outlier", "score")  # shown when the column is there
+MAP_MAX_LEGEND = 40  # more classes than this: one trace per class still, but no legend (it would fill the page)
+MAP_SIDE_COLOURS = {"train": TRAIN_COLOUR, "valid": VALID_COLOUR, "test": LR_COLOUR}
+
+
+def data_map_figure(items: pd.DataFrame, colour: str, height: int = 560) -> go.Figure:
+    """The dataset's 2-D map (health report items with x, y): one dot per image on the map, coloured by
+    `colour` (a column of `items`: label, predicted, side, or a score such as outlier). Each point's
+    customdata starts with its row label in `items`, so a selection maps back to the rows; the rest feeds
+    the hover text. The drag tool is the lasso (box select is in the toolbar)."""
+    shown = items[items["x"].notna()] if "x" in items else items.iloc[:0]
+    hover_cols = [c for c in MAP_HOVER if c in shown]
+    names = {"outlier": "outlier score", "score": "label check score"}
+    lines = []
+    for i, col in enumerate(hover_cols, start=1):
+        value = f"%{{customdata[{i}]:.2f}}" if col in ("outlier", "score") else f"%{{customdata[{i}]}}"
+        lines.append(f"{names.get(col, col)}: {value}" if col != "file" else f"<b>{value}</b>")
+    template = "<br>".join(lines) + "<extra></extra>"
+    n = len(shown)
+    size = 9 if n <= 300 else 7 if n <= 1000 else 5
+    scatter = go.Scatter if n <= 1000 else go.Scattergl  # SVG is crisper; WebGL keeps thousands of points fluid
+
+    def trace(rows: pd.DataFrame, **kwargs) -> go.Scatter:
+        custom = np.column_stack([rows.index.to_numpy(), *(rows[c].to_numpy() for c in hover_cols)]) \
+            if len(rows) else None
+        return scatter(x=rows["x"], y=rows["y"], mode="markers", customdata=custom, hovertemplate=template,
+                       **kwargs)
+
+    fig = go.Figure()
+    if colour in MAP_CATEGORICAL:
+        values = shown[colour].fillna("").astype(str)
+        palette = _qualitative(values.nunique())
+        for k, value in enumerate(sorted(values.unique())):
+            rows = shown[values == value]
+            col = MAP_SIDE_COLOURS.get(value) if colour == "side" else None
+            fig.add_trace(trace(rows, name=value or "(none)", marker=dict(size=size, opacity=0.8,
+                                                                           color=col or palette[k % len(palette)])))
+        fig.update_layout(showlegend=values.nunique() <= MAP_MAX_LEGEND,
+                          legend=dict(itemsizing="constant", yanchor="top", y=1, xanchor="left", x=1.01))
+    else:
+        score = shown[colour] if colour in shown else pd.Series(np.nan, index=shown.index)
+        fig.add_trace(trace(shown, name=names.get(colour, colour), marker=dict(
+            size=size, opacity=0.85, color=score, colorscale="Viridis", cmin=0, cmax=1, showscale=True,
+            colorbar=dict(title=dict(text=names.get(colour, colour), side="right"), thickness=14))))
+        fig.update_layout(showlegend=False)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    # The top margin keeps the toolbar off the points and the legend.
+    fig.update_layout(height=height, margin=dict(l=10, r=10, t=36, b=10), dragmode="lasso", hovermode="closest",
+                      plot_bgcolor="rgba(0,0,0,0)")
+    return fig
+
+
+def _qualitative(n: int) -> list[str]:
+    import plotly.express as px
+
+    q = px.colors.qualitative
+    return q.Plotly if n <= 10 else q.Alphabet if n <= 26 else q.Alphabet + q.Dark24 + q.Light24
