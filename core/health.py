@@ -42,7 +42,7 @@ from core.images import open_image
 from core.layouts import DataSource
 from core.rundir import RunDir
 
-DEFAULT_MATCH = 0.65  # the pixel match above which a candidate pair is reported as near duplicates (measured)
+DEFAULT_MATCH = 0.68  # the pixel match above which a candidate pair is reported as near duplicates (measured)
 NEIGHBOURS = 5  # candidates per image for the pixel match (true copies are the first neighbour 27 times in 28)
 OUTLIER_NEIGHBOURS = 30  # at most: an outlier is far from this many nearest neighbours, not just the first
 MAP_MAX_POINTS = 3000  # t-SNE beyond this is slow on a CPU: the map shows a sample, and says so

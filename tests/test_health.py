@@ -40,8 +40,8 @@ def photo(rng: np.random.Generator, colour: tuple[int, int, int], size: int = 96
 
 
 def near_copy(img: Image.Image) -> Image.Image:
-    """Resized by 0.7, a 10% crop off one corner, mirrored (and re-encoded by whoever saves it)."""
-    small = img.resize((round(img.width * 0.7), round(img.height * 0.7)), Image.Resampling.BICUBIC)
+    """Resized by 0.8, a 10% crop off one corner, mirrored (and re-encoded by whoever saves it)."""
+    small = img.resize((round(img.width * 0.8), round(img.height * 0.8)), Image.Resampling.BICUBIC)
     return ImageOps.mirror(small.crop((small.width // 10, 0, small.width, small.height * 9 // 10)))
 
 
@@ -63,7 +63,7 @@ def planted(tmp_path_factory) -> dict:
             side = "train" if i < 8 else "valid"
             (root / side / name).mkdir(parents=True, exist_ok=True)
             photo(rng, colour).save(root / side / name / f"{i}.jpg", quality=90)
-    near_copy(Image.open(root / "train/red/0.jpg")).save(root / "valid/red/copy.jpg", quality=60)
+    near_copy(Image.open(root / "train/red/0.jpg")).save(root / "valid/red/copy.jpg", quality=80)
     Image.open(root / "train/green/1.jpg").save(root / "train/green/same.png")  # decoded pixels, saved anew
     off_topic().save(root / "train/blue/stripes.png")
     return {"root": root, "near": ["train/red/0.jpg", "valid/red/copy.jpg"],
