@@ -61,6 +61,14 @@ class HealthReport:
     run: str | None = None  # the run whose model and split were used
     seconds: float = 0.0
     map_sampled: bool = False
+    kind: str = "pixels"  # the embedding's kind: "run", "pretrained" or "pixels" (core.healthdigest)
+
+    def outlier_basis(self) -> str:
+        """What the outlier ranking measures, in words (see `outlier_columns`)."""
+        basis = "how unlike their nearest neighbours' their colours are"
+        if self.kind == "pretrained":
+            basis += ", and their embedding"
+        return basis
 
     def duplicate_groups(self, threshold: float = DEFAULT_MATCH) -> list[list[str]]:
         """Groups of files that are the same photo: exact groups joined with pairs matching >= threshold."""
@@ -279,7 +287,8 @@ def check_health(cfg: DataConfig, run_dir: str | Path | None = None, progress: P
         items["max_prob"] = dig.probs.max(1)
     how = dig.how + ("" if run_path or dig.kind != "pretrained" else " (no run selected)")
     return HealthReport(str(source.root), how, items, exact, pairs, list(source.vocab),
-                        run_path.name if run_path else None, time.monotonic() - started, len(chosen) < len(files))
+                        run_path.name if run_path else None, time.monotonic() - started, len(chosen) < len(files),
+                        dig.kind)
 
 
 def _run_vocab(run_dir: Path | None) -> list[str]:

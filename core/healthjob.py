@@ -46,7 +46,7 @@ def save_report(report: HealthReport, folder: Path) -> None:
     atomic_write(folder / ITEMS_FILE, lambda tmp: report.items.to_parquet(tmp, index=False))
     atomic_write(folder / PAIRS_FILE, lambda tmp: report.pairs.to_parquet(tmp, index=False))
     meta = {"root": report.root, "how": report.how, "exact": report.exact, "vocab": report.vocab, "run": report.run,
-            "seconds": report.seconds, "map_sampled": report.map_sampled, "finished": time.time()}
+            "seconds": report.seconds, "map_sampled": report.map_sampled, "kind": report.kind, "finished": time.time()}
     atomic_write_json(folder / REPORT_FILE, meta)  # last: its presence means the report is complete
 
 
@@ -57,7 +57,7 @@ def load_report(folder: Path) -> HealthReport | None:
     meta = read_json(folder / REPORT_FILE)
     return HealthReport(meta["root"], meta["how"], pd.read_parquet(folder / ITEMS_FILE),
                         [list(g) for g in meta["exact"]], pd.read_parquet(folder / PAIRS_FILE), meta["vocab"],
-                        meta["run"], meta["seconds"], meta["map_sampled"])
+                        meta["run"], meta["seconds"], meta["map_sampled"], meta.get("kind", "pixels"))
 
 
 @dataclass

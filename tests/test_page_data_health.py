@@ -91,7 +91,7 @@ def tab_labels(at: AppTest) -> list[str]:
 def test_without_a_report_the_page_says_which_embedding_and_offers_the_check(home: Path, tmp_path: Path):
     at = open_data(make_dataset(tmp_path / "planted"))
     assert at.button(key="data_health_start").label == "Check health"
-    assert "a perceptual hash of the pixels: train a model for better outliers" in captions(at) or (
+    assert "a perceptual hash of the pixels (train a model on this folder to use its embedding)" in captions(at) or (
         "ImageNet-pretrained resnet18" in captions(at))
     assert not tab_labels(at)
 

@@ -86,7 +86,7 @@ def embedding_line(run: Path | None) -> str:
 
     if pretrained_available("resnet18"):
         return "an ImageNet-pretrained resnet18 (select a run trained on this folder to use its model)"
-    return "a perceptual hash of the pixels: train a model for better outliers"
+    return "a perceptual hash of the pixels (train a model on this folder to use its embedding)"
 
 
 @st.cache_data(max_entries=4, show_spinner="Loading the health report…")
@@ -352,9 +352,9 @@ def _outlier_cell(root: Path, row: pd.Series) -> None:
 
 def render_outliers(report: HealthReport, outliers: pd.DataFrame, run: Path | None) -> None:
     root = Path(report.root)
-    model = " and, with a run, how unsure its model is of every class" if report.run else ""
-    st.caption(f"The {len(outliers)} images farthest from their nearest neighbours in the embedding{model}; "
-               "score 1 = the most unusual. Most are fine: look for images that belong to no class, or to another.")
+    doubt = "; under each, the run's prediction and its probability" if report.run else ""
+    st.caption(f"The {len(outliers)} most unusual images: ranked by {report.outlier_basis()}{doubt}; score 1 = the "
+               "most unusual. Most are fine: look for images that belong to no class, or to another.")
     cells = st.grid(6, min_column_width=120, border=True, gap="small")  # dense, as the Data gallery
     for _, row in outliers.iterrows():
         with cells.cell():
