@@ -158,3 +158,44 @@ def test_a_failed_job_says_why(tmp_path, monkeypatch):
     while (state := healthjob.job_state(folder)).state == "running" and time.monotonic() < deadline:
         time.sleep(0.5)
     assert state.state == "failed" and state.error and "Traceback" not in state.error
+
+
+def _flat_layout(planted: dict, root: Path, name) -> list[str]:
+    """Every planted image copied into one folder, named by `name(class, stem, number, suffix)`; returns the
+    new names of the planted exact pair, then of the near pair."""
+    import shutil
+
+    root.mkdir(parents=True)
+    names = {}
+    for number, f in enumerate(sorted(planted["root"].rglob("*.*"))):
+        rel = f.relative_to(planted["root"]).as_posix()
+        target = name(f.parent.name, f"{f.parent.parent.name}{f.stem}", number, f.suffix)
+        shutil.copy(f, root / target)
+        names[rel] = target
+    return [names[f] for f in planted["exact"]] + [names[f] for f in planted["near"]]
+
+
+@pytest.mark.parametrize("layout", ["folders", "filename_regex", "csv"])
+def test_every_layout_finds_the_planted_copies(planted, tmp_path, monkeypatch, layout):
+    """The check reads each layout Loupe reads (split_folders is the fixture's own): the exact pair and the near
+    copy are found, by the paths as the layout names them."""
+    import shutil
+
+    monkeypatch.setenv("LOUPE_HOME", str(tmp_path / "home"))
+    root = tmp_path / layout
+    if layout == "folders":  # train/red/0.jpg -> red/train0.jpg
+        root.mkdir()
+        for f in planted["root"].rglob("*.*"):
+            (root / f.parent.name).mkdir(exist_ok=True)
+            shutil.copy(f, root / f.parent.name / f"{f.parent.parent.name}{f.stem}{f.suffix}")
+        rel = lambda f: f"{f.split('/')[1]}/{f.split('/')[0]}{Path(f).stem}{Path(f).suffix}"  # noqa: E731
+        expected = [rel(f) for f in planted["exact"] + planted["near"]]
+    elif layout == "filename_regex":  # red_17.jpg, as Oxford-IIIT Pets names its photos
+        expected = _flat_layout(planted, root, lambda cls, stem, number, suffix: f"{cls}_{number}{suffix}")
+    else:
+        expected = _flat_layout(planted, root, lambda cls, stem, number, suffix: f"{cls}-{stem}{suffix}")
+        rows = [f"{p.name},{p.name.split('-')[0]}" for p in sorted(root.iterdir())]
+        (root / "labels.csv").write_text("fname,labels\n" + "\n".join(rows) + "\n")
+    report = check_health(DataConfig(path=str(root), size=64, layout=layout))
+    groups = report.duplicate_groups()
+    assert sorted(expected[:2]) in groups and sorted(expected[2:]) in groups
