@@ -8,10 +8,10 @@ How it works (figures and the measurements behind each default: docs/benchmarks.
   pixels, upright and RGB: a re-saved JPEG with new metadata is the same photo; the file bytes would say not.
 - **Embeddings** (`HealthReport.how` says which): the selected run's model (the head's pooled features, the
   penultimate layer), else an ImageNet-pretrained backbone where its weights are on this machine, else a
-  perceptual hash of the pixels (DCT of a small grey image). Each image is embedded with its mirror image
-  and the two added, so a mirrored copy has the same embedding; vectors are centred on the dataset's mean
-  (pooled ReLU features share a large common part that makes every cosine near 1).
-- **Near duplicates**: each image's nearest neighbours by cosine are the candidates; each candidate pair
+  perceptual hash of the pixels (DCT of a small grey image, mirror-invariant); vectors are centred on the
+  dataset's mean (pooled ReLU features share a large common part that makes every cosine near 1).
+- **Near duplicates**: each image's nearest neighbours by cosine, in the embedding and in the perceptual
+  hash (which finds mirrored copies a model may not), are the candidates; each candidate pair
   is then matched pixel by pixel (core.healthmatch: the best normalised correlation of one image over the
   other, shifted, scaled 0.8-1 and mirrored). Cosine alone, even from a trained model, ranks look-alike
   photos (teddies on white) as close as real copies; the match is what tells a copy from a look-alike.
@@ -37,13 +37,15 @@ from core.config import DataConfig
 from core.data import prepare
 from core.fileio import read_json
 from core.healthdigest import Digest, Progress, digest
-from core.healthmatch import match_pairs
+from core.healthmatch import COARSE_CUT, match_pairs
 from core.images import open_image
 from core.layouts import DataSource
 from core.rundir import RunDir
 
 DEFAULT_MATCH = 0.68  # the pixel match above which a candidate pair is reported as near duplicates (measured)
+MIN_MATCH = COARSE_CUT  # the lowest threshold to offer: below it a pair's match is only the coarse one
 NEIGHBOURS = 5  # candidates per image for the pixel match (true copies are the first neighbour 27 times in 28)
+HASH_NEIGHBOURS = 3  # more candidates from the perceptual hash, besides a model's (mirrored copies)
 OUTLIER_NEIGHBOURS = 30  # at most: an outlier is far from this many nearest neighbours, not just the first
 MAP_MAX_POINTS = 3000  # t-SNE beyond this is slow on a CPU: the map shows a sample, and says so
 
@@ -150,26 +152,34 @@ def _centred(vectors: np.ndarray) -> np.ndarray:
     return (z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-8)).astype(np.float32)
 
 
-def candidate_pairs(vectors: np.ndarray, k: int = NEIGHBOURS) -> pd.DataFrame:
-    """Each image's k nearest neighbours by cosine, as unique pairs a < b with their cosine."""
+def _neighbours(vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k nearest other rows by cosine (unit vectors): (row, neighbour) index arrays."""
     n = len(vectors)
-    if n < 2:
-        return pd.DataFrame({"a": [], "b": [], "cosine": []})
-    k = min(k, n - 1)
-    rows_a, rows_b, sims = [], [], []
+    rows, cols = [], []
     v = torch.from_numpy(vectors)
     for start in range(0, n, 1024):  # blocks keep memory at 1024 x N for any N
         block = v[start : start + 1024] @ v.T
         idx = torch.arange(start, min(start + 1024, n))
         block[torch.arange(len(idx)), idx] = -2.0
-        top = block.topk(k, dim=1)
-        rows_a.append(idx.repeat_interleave(k))
-        rows_b.append(top.indices.flatten())
-        sims.append(top.values.flatten())
-    a, b, s = torch.cat(rows_a).numpy(), torch.cat(rows_b).numpy(), torch.cat(sims).numpy()
-    lo, hi = np.minimum(a, b), np.maximum(a, b)
-    table = pd.DataFrame({"a": lo, "b": hi, "cosine": s}).drop_duplicates(["a", "b"])
-    return table.reset_index(drop=True)
+        rows.append(idx.repeat_interleave(k))
+        cols.append(block.topk(k, dim=1).indices.flatten())
+    return torch.cat(rows).numpy(), torch.cat(cols).numpy()
+
+
+def candidate_pairs(vectors: np.ndarray, k: int = NEIGHBOURS, extra: np.ndarray | None = None,
+                    k_extra: int = HASH_NEIGHBOURS) -> pd.DataFrame:
+    """Each image's k nearest neighbours by cosine in `vectors` (and its k_extra nearest in `extra`, a second
+    embedding of the same images, when given), as unique pairs a < b with their cosine in `vectors`."""
+    n = len(vectors)
+    if n < 2:
+        return pd.DataFrame({"a": np.zeros(0, int), "b": np.zeros(0, int), "cosine": np.zeros(0, np.float32)})
+    found = [_neighbours(vectors, min(k, n - 1))]
+    if extra is not None:
+        found.append(_neighbours(extra, min(k_extra, n - 1)))
+    a, b = np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
+    table = pd.DataFrame({"a": np.minimum(a, b), "b": np.maximum(a, b)}).drop_duplicates().reset_index(drop=True)
+    table["cosine"] = np.einsum("ij,ij->i", vectors[table["a"]], vectors[table["b"]])
+    return table
 
 
 # ---------------------------------------------------------------- outliers and the map
@@ -267,7 +277,7 @@ def check_health(cfg: DataConfig, run_dir: str | Path | None = None, progress: P
         progress("exact duplicates", 0, 1)
     exact = exact_groups(files, dig.hashes)
     vectors = _centred(dig.features)
-    pairs = candidate_pairs(vectors)
+    pairs = candidate_pairs(vectors, extra=_centred(dig.phash) if dig.kind != "pixels" else None)
     exact_set = {(min(a, b), max(a, b)) for g in exact for a in g for b in g if a != b}
     pairs = pairs[[(a, b) not in exact_set for a, b in zip(pairs["a"], pairs["b"])]].reset_index(drop=True)
     if progress:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 SCALES = (1.0, 0.93, 0.86, 0.8)  # how much smaller the copy's square may be (crops of up to ~20%)
 COARSE_SIDE = 24
-COARSE_CUT = 0.5  # pairs whose coarse match is below this are not refined (true copies: >= 0.67 coarse)
+COARSE_CUT = 0.6  # pairs whose coarse match is below this are not refined (planted copies: >= 0.67 coarse)
 COLOUR_WEIGHT = 0.5  # how much a difference in mean colour (0-1) lowers the match
 
 

@@ -18,7 +18,7 @@ import streamlit as st
 from core import healthjob, keeptogether, runs
 from core.config import DataConfig
 from core.fileio import read_json
-from core.health import DEFAULT_MATCH, HealthReport
+from core.health import DEFAULT_MATCH, MIN_MATCH, HealthReport
 from core.layouts import DataSource
 from core.listing import path_text
 from core.rundir import RunDir, is_label_check, is_lr_find
@@ -182,8 +182,8 @@ def _follow(folder: Path) -> None:
 
 
 def render_report(report: HealthReport, cfg: DataConfig, run: Path | None) -> None:
-    threshold = st.slider("Pixel match", 0.5, 0.95, DEFAULT_MATCH, 0.01, key=MATCH_KEY, help=MATCH_HELP, width=360,
-                          format="%.2f")
+    threshold = st.slider("Pixel match", MIN_MATCH, 0.95, DEFAULT_MATCH, 0.01, key=MATCH_KEY, help=MATCH_HELP,
+                          width=360, format="%.2f")
     groups = report.duplicate_groups(threshold)
     pairs = report.near_pairs(threshold)
     leaks = report.leaks(threshold)
