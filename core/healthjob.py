@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from core.config import DataConfig
 from core.env import workspace_dir
 from core.fileio import atomic_write, atomic_write_json, read_json
 from core.health import HealthReport
-from core.runs import REPO_ROOT, _child_env, _probe
+from core.runs import launch_background, process_alive
 
 PROGRESS_FILE, REPORT_FILE, ITEMS_FILE, PAIRS_FILE = "progress.json", "report.json", "items.parquet", "pairs.parquet"
 JOB_FILE, LOG_FILE = "job.json", "health.log"
@@ -81,14 +80,9 @@ def start(cfg: DataConfig, run_dir: str | os.PathLike | None) -> Path:
                         ("--group-regex", cfg.group_regex), ("--run-dir", run_dir)):
         if value:
             command += [flag, str(value)]
-    with open(folder / LOG_FILE, "wb") as log:
-        proc = subprocess.Popen(command, cwd=REPO_ROOT, env=_child_env(), stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    from core.runs import _children, _process_start
-
-    _children[proc.pid] = proc  # reaped by _probe, so a finished check is not a zombie that looks alive
-    atomic_write_json(folder / JOB_FILE, {"pid": proc.pid, "pid_started": _process_start(proc.pid),
-                                          "started": time.time()})
+    (folder / LOG_FILE).unlink(missing_ok=True)  # the log of this check only: job_state reads its last error
+    pid, pid_started = launch_background(command, folder / LOG_FILE)
+    atomic_write_json(folder / JOB_FILE, {"pid": pid, "pid_started": pid_started, "started": time.time()})
     return folder
 
 
@@ -98,7 +92,7 @@ def job_state(folder: Path) -> JobState:
     if not (folder / JOB_FILE).exists():
         return JobState("none")
     job = read_json(folder / JOB_FILE)
-    alive, _ = _probe(job["pid"], folder, job.get("pid_started"))
+    alive = process_alive(job["pid"], job.get("pid_started"), folder.name)
     progress = read_json(folder / PROGRESS_FILE) if (folder / PROGRESS_FILE).exists() else {}
     if alive:
         return JobState("running", progress.get("stage", "starting"), progress.get("done", 0), progress.get("total", 0))

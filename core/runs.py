@@ -286,6 +286,25 @@ def _command(run_dir: Path, extra_args: list[str], gpus: int, module: str, task:
 BACKGROUND_NICENESS = 10  # the nice value of a run started from the app (0 is normal, 19 the lowest priority)
 
 
+def launch_background(command: list[str], log: Path) -> tuple[int, int | None]:
+    """Start `command` from the repo root in its own session (a Streamlit rerun, a reload or Ctrl-C of the app
+    never kills it) at background priority, stdout and stderr to `log`; returns (pid, its start time) for
+    `process_alive`. For jobs that are not runs (core.healthjob); runs go through `start`."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(command, cwd=REPO_ROOT, env=_child_env(), stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    _children[proc.pid] = proc
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, proc.pid, BACKGROUND_NICENESS)
+    return proc.pid, _process_start(proc.pid)
+
+
+def process_alive(pid: int, pid_started: int | None, name: str) -> bool:
+    """Whether `pid` is still the process `launch_background` started (`name`: a word its command line holds,
+    checked where no start time was recorded)."""
+    return _probe(pid, Path(name), pid_started)[0]
+
+
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"  # train.log fills line by line, not in 8 KB gulps
