@@ -29,12 +29,6 @@ PREVIEW_COPIES = 6
 SIDE_NAMES = {"train": "training", "valid": "validation", "test": "test"}
 
 
-def _short(name: str, limit: int = 20) -> str:
-    """Long names keep their start and end: the end usually tells similar files apart."""
-    keep = max(limit - 1, 4)
-    return name if len(name) <= limit else name[: keep - keep // 2] + "…" + name[-(keep // 2) :]
-
-
 def render_gallery(source: DataSource, split: Split) -> None:
     st.subheader("Gallery", anchor=False)
     vocab = source.vocab
@@ -75,7 +69,8 @@ def render_gallery(source: DataSource, split: Split) -> None:
         for i in shown:
             with cells.cell():
                 gallery.image_or_note(source.files[i], note="Moved or changed since the check")
-                st.caption(_short(path_text(source.files[i].stem), 16), help=path_text(source.files[i].name))
+                name = path_text(source.files[i].name)
+                st.caption(gallery.short_name(path_text(source.files[i].stem), 16), help=name)
 
 
 def render_problems(source: DataSource, bad: list[BadImage]) -> None:

@@ -25,7 +25,6 @@ from core.rundir import RunDir, is_label_check, is_lr_find
 from core.split import Split
 from ui import clean_queue, data_map, gallery
 from ui.cache import run_table
-from ui.data_gallery import _short
 from ui.state import current_run, set_run, training_runs
 
 POLL_SECONDS = 1.0
@@ -227,7 +226,7 @@ def keeper(root: Path, group: list[str], sides: dict[str, str]) -> str:
 def _member(root: Path, file: str, side: str, kept: bool | None) -> None:
     gallery.image_or_note(root / file, size=160)
     fate = "" if kept is None else (" · :green[kept]" if kept else " · :red[copy]")
-    st.caption(f"{_short(Path(file).name, 18)}  \n{side or 'no side'}{fate}", help=file)
+    st.caption(f"{gallery.short_name(Path(file).name, 18)}  \n{side or 'no side'}{fate}", help=file)
 
 
 def _group_cell(root: Path, files: list[str], sides: dict[str, str], line: str, keep: set[str] | None) -> None:

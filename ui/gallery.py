@@ -171,3 +171,9 @@ def require_run_tables() -> tuple[Path, pd.DataFrame]:
     st.page_link("app_pages/train.py", label="Go to Train", icon=":material/model_training:")
     st.stop()
     raise AssertionError("unreachable")  # st.stop() raises
+
+
+def short_name(name: str, limit: int = 20) -> str:
+    """Long names keep their start and end: the end usually tells similar files apart."""
+    keep = max(limit - 1, 4)
+    return name if len(name) <= limit else name[: keep - keep // 2] + "…" + name[-(keep // 2) :]
