@@ -199,3 +199,22 @@ def test_every_layout_finds_the_planted_copies(planted, tmp_path, monkeypatch, l
     report = check_health(DataConfig(path=str(root), size=64, layout=layout))
     groups = report.duplicate_groups()
     assert sorted(expected[:2]) in groups and sorted(expected[2:]) in groups
+
+
+def test_with_imagenet_weights_on_the_machine_the_backbone_embeds(planted, tmp_path, monkeypatch):
+    """Where the pretrained weights sit in the torch hub cache (here a file the test saves: this machine is
+    offline), the check embeds with that backbone and says so; the copies are still found."""
+    import torch
+    from torchvision.models import get_model
+
+    from core.model import pretrained_cache_path
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("LOUPE_HOME", str(tmp_path / "home"))
+    pretrained_cache_path("resnet18").parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(get_model("resnet18", weights=None).state_dict(), pretrained_cache_path("resnet18"))
+    report = check_health(DataConfig(path=str(planted["root"]), size=64))
+    assert report.kind == "pretrained" and "ImageNet-pretrained resnet18" in report.how
+    assert planted["exact"] in report.duplicate_groups() and planted["near"] in report.duplicate_groups()
+    assert report.outlier_basis().endswith("and their embedding")  # the backbone joins the outlier ranking
