@@ -327,13 +327,21 @@ def interpret_run(run_dir: str | Path, split: str = "valid"):
     bundle_path = run_dir / BUNDLE_FILE
     if path.exists() and path.stat().st_mtime >= bundle_path.stat().st_mtime:
         return interpret.load_table(path)
-    cfg = load_config(run_dir)
-    source, item_split = source_from_record(read_json(run_dir / DATASET_RECORD_FILE))
-    on_device = OnDevice.for_config(cfg, resolve_device(cfg.device))
-    model = on_device.place(load_bundle(bundle_path, device=on_device.device).model)
+    cfg, source, item_split, on_device, model = run_model(run_dir)
     table = split_table(model, source, item_split, split, cfg, on_device)
     interpret.save_table(table, path)
     return table
+
+
+def run_model(run_dir: str | Path) -> tuple[TrainConfig, DataSource, Split, OnDevice, nn.Module]:
+    """What predicting a finished run's own items needs: its config, the items and split it recorded, where to
+    compute (OnDevice) and its exported model placed there (interpret_run, core.tta)."""
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir)
+    source, item_split = source_from_record(read_json(run_dir / DATASET_RECORD_FILE))
+    on_device = OnDevice.for_config(cfg, resolve_device(cfg.device))
+    model = on_device.place(load_bundle(run_dir / BUNDLE_FILE, device=on_device.device).model)
+    return cfg, source, item_split, on_device, model
 
 
 def run_lr_find(run_dir: str | Path, num_it: int | None = None, start_lr: float = 1e-7,

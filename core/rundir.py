@@ -16,6 +16,7 @@ look at a run without paying for PyTorch.
   dataset.json         every item, label and side of the split, as the run saw them
   item_losses/epoch_NNN.npz   each training item's loss per epoch (epochs from 0)
   interpret_<split>.parquet   the per-item interpretation table of one split
+  interpret_<split>_tta.parquet   the same with test-time augmentation (core.tta), made when first asked for
 
 A label check (task "check-labels") holds, besides config.json, status.json, events.jsonl and dataset.json:
   label_check.json     its settings (folds, epochs per fold) and, once started, the fold of every item
@@ -136,6 +137,11 @@ class RunDir:
         if not _SPLIT_NAME.match(split):
             raise ValueError(f"split must be a plain name (letters, digits, _ or -), not {split!r}.")
         return self.path / f"interpret_{split}.parquet"
+
+    def table_tta(self, split: str) -> Path:
+        """The same table with test-time augmentation's probabilities (core.tta): `interpret_<split>_tta.parquet`,
+        made on demand (Interpret's switch, bench/tta.py), never by the run itself."""
+        return self.table(split).with_name(f"interpret_{split}_tta.parquet")
 
     def has_model(self) -> bool:
         return self.bundle.is_file()

@@ -53,11 +53,13 @@ class OnDevice:
         model.to(self.device)
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
-    def batch(self, x: torch.Tensor, y: torch.Tensor, train: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, x: torch.Tensor, y: torch.Tensor, train: bool = False,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 batch in, normalised float batch out, on the device: augmented (train) or resized (eval).
-        The bytes cross to the GPU before any float work, a quarter of the traffic of float images."""
+        The bytes cross to the GPU before any float work, a quarter of the traffic of float images.
+        `generator` (a CPU one) draws the augmentation: test-time augmentation passes a seeded one."""
         x = x.to(self.device, non_blocking=True)
-        x = normalize(self.augment(x) if train and self.augment else resize_batch(x, self.size))
+        x = normalize(self.augment(x, generator) if train and self.augment else resize_batch(x, self.size))
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         return x.contiguous(memory_format=fmt), y.to(self.device, non_blocking=True)
 
@@ -168,16 +170,18 @@ class Preds:
     ids: torch.Tensor  # [N] item indices in the data source
 
 
-def get_preds(model: nn.Module, loader: DataLoader, device: OnDevice, loss_fn: nn.Module) -> Preds:
+def get_preds(model: nn.Module, loader: DataLoader, device: OnDevice, loss_fn: nn.Module,
+              augment_with: torch.Generator | None = None) -> Preds:
     """Logits, targets and per-item losses over a loader, in eval mode under inference_mode. The model must
-    already be on the device (`OnDevice.place`)."""
+    already be on the device (`OnDevice.place`). With `augment_with` (a seeded CPU generator) every batch gets
+    the training augmentation drawn from it, the model still in eval mode: one pass of test-time augmentation."""
     model.eval()
     outs, targets, losses, ids = [], [], [], []
     with torch.inference_mode():
         for batch in loader:
             if batch is None:
                 continue
-            x, y = device.batch(batch[0], batch[1])
+            x, y = device.batch(batch[0], batch[1], train=augment_with is not None, generator=augment_with)
             with device.autocast():
                 logits = model(x).float()
             outs.append(logits.cpu())

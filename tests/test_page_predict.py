@@ -167,3 +167,24 @@ def test_a_camera_shot_is_classified(home: Path, trained):
     assert not at.exception, at.exception
     assert len(charts(at)) == 1
     assert image_captions(at) == ["shot.jpg · 32x32"]
+
+
+def test_the_tta_switch_predicts_with_test_time_augmentation(home: Path, trained):
+    from core.bundle import load_bundle, predict_probs
+    from core.feedback import read_image
+    from core.tta import predict_probs_tta
+
+    run_dir, dataset = trained
+    images = [min((dataset / c).glob("*.png")) for c in VOCAB]
+    bundle = load_bundle(run_dir, device="cpu")
+    pixels = [read_image(png(p), min_side=max(2 * bundle.meta.size, 256)).image for p in images]
+    at = open_predict()
+    at.file_uploader(key="predict_files").set_value([(p.name, png(p), "image/png") for p in images]).run()
+    plain = at.dataframe[0].value["probability"].to_numpy()
+    assert plain == pytest.approx(predict_probs(bundle, pixels).max(dim=1).values.numpy(), abs=1e-6)
+    at.toggle(key="predict_tta").set_value(True).run()
+    assert not at.exception, at.exception
+    tta = at.dataframe[0].value["probability"].to_numpy()
+    # the page classifies each upload on its own (cached per image): each image gets the seed's first draws
+    alone = [float(predict_probs_tta(bundle, [image]).max()) for image in pixels]
+    assert tta == pytest.approx(alone, abs=1e-6) and tta != pytest.approx(plain, abs=1e-4)

@@ -11,6 +11,7 @@ import streamlit as st
 from core.bundle import BundleMeta, predict_probs
 from core.feedback import BadUpload, preview_jpeg, read_image, save_feedback
 from core.runlist import RunInfo
+from core.tta import predict_probs_tta
 from ui.cache import run_bundle
 from ui.gallery import passed_over
 from ui.state import current_run, set_run
@@ -22,15 +23,16 @@ BAR_COLOUR, MUTED_COLOUR = "#3b5bdb", "#adb5bd"
 
 
 @st.cache_data(max_entries=1024, show_spinner=False)
-def classify(run_dir: str, bundle_mtime: float, digest: str, _data: bytes) -> dict:
-    """Check one upload by its content and predict it; cached per model file version and image content."""
+def classify(run_dir: str, bundle_mtime: float, digest: str, _data: bytes, tta: bool = False) -> dict:
+    """Check one upload by its content and predict it (with test-time augmentation: core.tta); cached per model
+    file version, image content and `tta`."""
     bundle = run_bundle(Path(run_dir))
     try:
         upload = read_image(_data, min_side=max(2 * bundle.meta.size, 256))
     except BadUpload as e:
         return {"error": str(e)}
     return {
-        "probs": predict_probs(bundle, [upload.image])[0].tolist(),
+        "probs": (predict_probs_tta if tta else predict_probs)(bundle, [upload.image])[0].tolist(),
         "preview": preview_jpeg(upload.image, 384),
         "thumb": preview_jpeg(upload.image, 96, quality=75),
         "pixels": f"{upload.width}x{upload.height}",
