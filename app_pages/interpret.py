@@ -8,7 +8,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core import interpret
-from ui.cache import run_table
+from ui.cache import run_table, run_tta_table
 from ui.charts import confusion_figure
 from ui.gallery import grid, image_or_note, loss_caption, paginate, refuse_outside_roots, require_run_tables
 
@@ -41,6 +41,22 @@ with st.container(horizontal=True, gap="medium"):
     st.metric("Accuracy" if not multi else "Exact-match accuracy",
               f"{1 - wrong / max(len(valid), 1):.1%}", border=True, width=220)
     st.metric("Wrong", wrong, border=True, width=220)
+if st.toggle("Test-time augmentation", key="interpret_tta",
+             help="Predict each validation image 4 more times with the training augmentation and blend the average "
+             "with the plain prediction (fastai's tta): the metrics with it, beside those without."):
+    tta_table = run_tta_table(run, "valid")
+    tta_wrong = int((~tta_table["correct"]).sum())
+    n_valid = max(len(valid), 1)
+    with st.container(horizontal=True, gap="medium"):
+        st.metric("Error rate with TTA", f"{tta_wrong / n_valid:.1%}", f"{(tta_wrong - wrong) / n_valid:+.1%}",
+                  delta_color="inverse", border=True, width=220, help=f"without TTA: {wrong / n_valid:.1%}")
+        st.metric("Accuracy with TTA", f"{1 - tta_wrong / n_valid:.1%}", f"{(wrong - tta_wrong) / n_valid:+.1%}",
+                  border=True, width=220, help=f"without TTA: {1 - wrong / n_valid:.1%}")
+        st.metric("Wrong with TTA", tta_wrong, tta_wrong - wrong, delta_color="inverse", border=True, width=220)
+    if not multi:
+        with st.expander("Confusion matrix with TTA"):
+            st.plotly_chart(confusion_figure(interpret.confusion_matrix(tta_table, vocab), vocab, False),
+                            key="interpret_confusion_tta", config={"displayModeBar": False})
 
 # ---------------------------------------------------------------- confusion
 left, right = st.columns([3, 2], gap="large")

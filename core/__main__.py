@@ -241,20 +241,28 @@ def cmd_interpret(a: argparse.Namespace) -> int:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
-    from core.bundle import load_bundle, predict
+    from core.bundle import load_bundle, predict_probs
     from core.images import open_image
+    from core.listing import list_images
+    from core.tta import predict_probs_tta
 
+    if a.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {a.top_k}.")
     bundle = load_bundle(a.model)
+    probs_of = predict_probs_tta if a.tta else predict_probs
     status = 0
-    for path in a.images:
+    # a folder stands for its images, found by the one walk every dataset uses (hidden files skipped)
+    paths = [p for path in a.images for p in (list_images(path) if path.is_dir() else [path])]
+    for path in paths:
         try:
             image = open_image(path)
         except (OSError, ValueError) as e:
             print(json.dumps({"file": str(path), "error": str(e)}))
             status = 2
             continue
-        top = predict(bundle, [image], top_k=a.top_k)[0]
-        print(json.dumps({"file": str(path), "top": [{"label": lbl, "prob": round(p, 6)} for lbl, p in top]}))
+        values, indices = probs_of(bundle, [image])[0].topk(min(a.top_k, bundle.meta.n_out))
+        top = [{"label": bundle.meta.vocab[i], "prob": round(p, 6)} for p, i in zip(values.tolist(), indices.tolist())]
+        print(json.dumps({"file": str(path), "top": top}))
     return status
 
 
@@ -325,8 +333,11 @@ def parser() -> argparse.ArgumentParser:
 
     pred = sub.add_parser("predict", help="top-k classes for images, one JSON object per image")
     pred.add_argument("model", type=Path, help="a run directory or a model.safetensors bundle")
-    pred.add_argument("images", nargs="+", type=Path)
+    pred.add_argument("images", nargs="+", type=Path, metavar="PATH",
+                      help="image files, or folders (their images, recursively; hidden files skipped)")
     pred.add_argument("--top-k", type=int, default=3)
+    pred.add_argument("--tta", action="store_true", help="test-time augmentation: the plain prediction blended "
+                      "with 4 augmented ones, as fastai's tta (5 passes per image)")
     pred.set_defaults(func=cmd_predict)
 
     demo = sub.add_parser("demo", help="write the demo dataset (drawn shapes, a few mislabelled)")

@@ -14,6 +14,7 @@ drawn from a CPU generator seeded once per call, so the same images give the sam
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -126,9 +127,8 @@ def predict_probs_tta(bundle: Bundle, images: Sequence[Image.Image], n: int = N_
                       seed: int = SEED, batch_size: int = 64) -> torch.Tensor:
     """core.bundle.predict_probs with test-time augmentation: [N, n_out] on the CPU."""
     plain = predict_probs(bundle, images, batch_size)
-    meta, model, augment = bundle.meta, bundle.model.eval(), bundle_augment(bundle)
-    augment = BatchAugment(meta.size, augment.min_scale, augment.flip, augment.flip_vert, augment.max_rotate,
-                           augment.max_lighting)  # at the bundle's size, whatever the config says
+    meta, model = bundle.meta, bundle.model.eval()
+    augment = replace(bundle_augment(bundle), size=meta.size)  # the size the model is fed, whatever the config says
     side, gen = presize_side(meta.size), _generator(seed)
     # The uint8 squares preprocess makes, kept as bytes: the augmentation starts where validation resizes
     raw = [torch.stack([torch.from_numpy(presize(upright_rgb(im), side)) for im in images[s : s + batch_size]])

@@ -145,3 +145,22 @@ def _wait_for_event(run_dir: Path, kind: str, timeout: float = 120) -> None:
         assert runs.status(run_dir)["state"] != runs.FAILED, (run_dir / runs.LOG_FILE).read_text()
         time.sleep(0.1)
     raise AssertionError(f"no {kind} event within {timeout} s")
+
+
+def test_predict_reads_folders_recursively_and_tta_changes_the_numbers(trained, demo, home, tmp_path):
+    run_dir, _ = trained
+    folder = tmp_path / "photos"
+    for i, image in enumerate(sorted((demo / "circle").glob("*.png"))[:2]):
+        (folder / f"sub{i}").mkdir(parents=True)
+        (folder / f"sub{i}" / image.name).write_bytes(image.read_bytes())
+    (folder / ".hidden.png").write_bytes(image.read_bytes())  # skipped, as in every dataset walk
+    plain = core_cli("predict", run_dir, folder, "--top-k", "3", home=home)
+    assert plain.returncode == 0, plain.stderr
+    lines = [json.loads(line) for line in plain.stdout.splitlines()]
+    assert [Path(o["file"]).parent.name for o in lines] == ["sub0", "sub1"]
+    tta = core_cli("predict", run_dir, folder, "--top-k", "3", "--tta", home=home)
+    assert tta.returncode == 0, tta.stderr
+    with_tta = [json.loads(line) for line in tta.stdout.splitlines()]
+    assert [o["file"] for o in with_tta] == [o["file"] for o in lines]
+    assert all(abs(sum(t["prob"] for t in o["top"]) - 1) < 1e-4 for o in with_tta)  # all 3 classes shown
+    assert [o["top"] for o in with_tta] != [o["top"] for o in lines]

@@ -207,3 +207,20 @@ def test_multi_label_run_shows_per_label_counts_instead_of_the_matrix(multi_labe
     at.selectbox(key="interpret_actual").set_value("red").run()
     assert not at.exception
     assert all("red" in m.value.split("/")[1] for m in at.markdown if "loss" in m.value and "prob" in m.value)
+
+
+def test_the_tta_toggle_shows_the_metrics_with_and_without(home, monkeypatch):
+    from core.rundir import RunDir
+
+    at = open_page(home, monkeypatch)
+    assert not [m for m in at.metric if "TTA" in m.label]
+    at.toggle(key="interpret_tta").set_value(True).run()
+    assert not at.exception, at.exception
+    labels = [m.label for m in at.metric]
+    assert "Accuracy" in labels and "Accuracy with TTA" in labels and "Error rate with TTA" in labels
+    (run,) = list_runs(home / "runs")
+    tta = interpret.load_table(RunDir(run.path).table_tta("valid"))  # computed once, kept in the run
+    (with_tta,) = [m for m in at.metric if m.label == "Wrong with TTA"]
+    assert with_tta.value == str(int((~tta["correct"]).sum()))
+    assert int(with_tta.delta) == int((~tta["correct"]).sum()) - int((~valid_table(home)["correct"]).sum())
+    assert [c for c in at.get("plotly_chart") if "interpret_confusion_tta" in c.proto.id]

@@ -53,6 +53,19 @@ def run_table(run_dir: Path, split: str = "valid") -> pd.DataFrame | None:
     return _table(str(path), _mtime(path)) if path.exists() else None
 
 
+@st.cache_data(max_entries=8, show_spinner="Predicting with test-time augmentation (5 passes)…")
+def _tta_table(run_dir: str, split: str, bundle_mtime: float) -> pd.DataFrame:
+    from core.tta import interpret_run_tta  # see _bundle
+
+    return interpret_run_tta(run_dir, split)
+
+
+def run_tta_table(run_dir: Path, split: str = "valid") -> pd.DataFrame:
+    """A run's item table with test-time augmentation (core.tta): computed here once, then kept on disk in the run
+    directory and in memory per model version."""
+    return _tta_table(str(run_dir), split, _mtime(RunDir(run_dir).bundle))
+
+
 @st.cache_data(max_entries=4096, show_spinner=False)
 def _thumb(path: bytes, mtime: float, size: int) -> bytes | None:
     try:
