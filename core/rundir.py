@@ -12,6 +12,7 @@ look at a run without paying for PyTorch.
   checkpoint.pt        resumable state (weights, optimizer, batch position); kept only while resumable
   best.pt              the weights of the best epoch so far (keep_best)
   model.safetensors    the exported model bundle
+  model.onnx, model.onnx.json   the model as ONNX and its preprocessing (core.export; on request)
   lr_find.json         an LR-finder sweep's curve and suggestions
   dataset.json         every item, label and side of the split, as the run saw them
   item_losses/epoch_NNN.npz   each training item's loss per epoch (epochs from 0)
@@ -42,6 +43,8 @@ STOP_FILE = "STOP"
 CHECKPOINT_FILE = "checkpoint.pt"
 BEST_WEIGHTS_FILE = "best.pt"
 BUNDLE_FILE = "model.safetensors"
+ONNX_FILE = "model.onnx"  # the model exported to ONNX (core.export), on request
+ONNX_META_FILE = "model.onnx.json"  # its preprocessing, classes and parity figure
 LR_FIND_FILE = "lr_find.json"
 DATASET_RECORD_FILE = "dataset.json"
 ITEM_LOSSES_DIR = "item_losses"
@@ -110,6 +113,14 @@ class RunDir:
     @property
     def bundle(self) -> Path:
         return self.path / BUNDLE_FILE
+
+    @property
+    def onnx(self) -> Path:
+        return self.path / ONNX_FILE
+
+    @property
+    def onnx_meta(self) -> Path:
+        return self.path / ONNX_META_FILE
 
     @property
     def lr_find(self) -> Path:
