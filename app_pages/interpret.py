@@ -11,6 +11,7 @@ from core import interpret
 from ui.cache import run_table, run_tta_table
 from ui.charts import confusion_figure
 from ui.gallery import grid, image_or_note, loss_caption, paginate, refuse_outside_roots, require_run_tables
+from ui.heatmaps import TOGGLE_HELP, file_overlay
 
 PER_PAGE = 12
 PAGE_KEY = "interpret_page"
@@ -99,6 +100,7 @@ with st.container(horizontal=True, gap="medium", vertical_alignment="bottom"):
     actual = st.selectbox("Actual class", [ALL, *vocab], key="interpret_actual", width=220)
     predicted = st.selectbox("Predicted class", [ALL, *vocab], key="interpret_predicted", width=220)
     only_wrong = st.toggle("Only wrong predictions", key="interpret_only_wrong")
+    heatmaps = st.toggle("Show heatmaps", key="interpret_heatmaps", help=TOGGLE_HELP)
 
 losses = interpret.top_losses(tables[split], split=split, actual=None if actual == ALL else actual,
                               predicted=None if predicted == ALL else predicted, only_wrong=only_wrong)
@@ -111,7 +113,11 @@ else:
     shown = paginate(len(losses), PER_PAGE, PAGE_KEY, scope=(run.name, split, actual, predicted, only_wrong))
 
     def cell(row: pd.Series) -> None:
-        image_or_note(row["file"])
+        overlay = file_overlay(run, row["file"], row["predicted"] or None) if heatmaps else None
+        if overlay is not None:  # the predicted class's heatmap over the centre square the model saw
+            st.image(overlay, width="stretch")
+        else:
+            image_or_note(row["file"])
         st.markdown(loss_caption(row), help=row["file"])
 
     with gallery_slot:

@@ -76,3 +76,27 @@ def test_cli_writes_a_png_and_refuses_to_overwrite(run, tmp_path):
     assert again.stderr.strip().count("\n") == 0 and out.read_bytes() == before
     unknown = core_cli("explain", run, image, "--out", tmp_path / "other.png", "--class", "hexagon", home=tmp_path)
     assert unknown.returncode == 2 and "Unknown class" in unknown.stderr and not (tmp_path / "other.png").exists()
+
+
+def image_urls(at) -> list[str]:
+    return [img.proto.imgs[0].url for img in at.image]
+
+
+def test_the_pages_heatmap_toggles_render_overlays(run, monkeypatch):
+    """Interpret's top losses and Predict's close look, heatmaps on: overlays instead of the plain images."""
+    from conftest import open_app_page
+
+    monkeypatch.setenv("LOUPE_HOME", str(run.parents[1]))
+    at = open_app_page("app_pages/interpret.py")
+    plain = image_urls(at)
+    at.toggle(key="interpret_heatmaps").set_value(True).run()
+    assert not at.exception, at.exception
+    assert len(image_urls(at)) == len(plain) > 0 and image_urls(at) != plain
+
+    image = next((run.parents[1] / "shapes" / "circle").glob("*.png"))
+    at = open_app_page("app_pages/predict.py")
+    at.file_uploader(key="predict_files").set_value((image.name, image.read_bytes(), "image/png")).run()
+    plain = image_urls(at)
+    at.toggle(key="predict_heatmap").set_value(True).run()
+    assert not at.exception, at.exception
+    assert len(image_urls(at)) == len(plain) == 1 and image_urls(at) != plain

@@ -9,11 +9,14 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core.bundle import BundleMeta, predict_probs
+from core.env import runs_dir
 from core.feedback import BadUpload, preview_jpeg, read_image, save_feedback
+from core.rundir import RunDir
 from core.runlist import RunInfo
 from core.tta import predict_probs_tta
 from ui.cache import run_bundle
 from ui.gallery import passed_over
+from ui.heatmaps import TOGGLE_HELP, upload_overlay
 from ui.state import current_run, set_run
 
 MODEL_KEY = "predict_model"
@@ -97,7 +100,13 @@ def show_one(meta: BundleMeta, result: dict, top_k: int, run_id: str) -> None:
     label, prob = answer(meta, result)
     multi = meta.task == "multi_label"
     left, right = st.columns([1, 2], gap="large")
-    left.image(result["preview"], caption=f"{result['name']} · {result['pixels']}", width="stretch")
+    with left:
+        image = result["preview"]
+        if st.toggle("Show heatmap", key="predict_heatmap", help=TOGGLE_HELP):  # the predicted class's Grad-CAM
+            bundle_file = RunDir(runs_dir() / run_id).bundle
+            image = upload_overlay(str(bundle_file.parent), bundle_file.stat().st_mtime, result["digest"],
+                                   result["data"]) or image
+        st.image(image, caption=f"{result['name']} · {result['pixels']}", width="stretch")
     with right:
         if multi:
             st.markdown(f"#### {label}" if label != "(none)" else "#### No label above the threshold")
