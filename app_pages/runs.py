@@ -1,5 +1,6 @@
 """Runs: every run side by side; compare loss curves; open, download or delete one run."""
 
+import json
 from functools import partial
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import streamlit as st
 
 from core import runs
 from core.env import runs_dir
-from core.rundir import checkpoint_bytes, remove_checkpoints
+from core.rundir import RunDir, checkpoint_bytes, remove_checkpoints
 from core.runlist import list_runs
 from ui.cache import split_line
 from ui.runs_view import (
@@ -57,6 +58,27 @@ def drop_checkpoint(run_dir: Path) -> None:
 
 def read_bundle(path: Path) -> bytes:
     return path.read_bytes()
+
+
+def onnx_parity(run_dir: Path) -> dict | None:
+    """The parity record of the run's ONNX file when it is there and newer than the model, else None."""
+    files = RunDir(run_dir)
+    try:
+        if files.onnx.is_file() and files.onnx_meta.stat().st_mtime >= files.bundle.stat().st_mtime:
+            return json.loads(files.onnx_meta.read_text())["parity"]
+    except (OSError, ValueError, KeyError):
+        pass
+    return None
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def export_onnx_once(run_dir: str, bundle_mtime: float) -> dict:
+    """Export the run's model into its folder (replacing an older export of its own); once per model version."""
+    from core.export import export_onnx  # PyTorch and ONNX only when asked
+
+    files = RunDir(run_dir)
+    report = export_onnx(files.path, files.onnx, force=True)
+    return {"max_abs_diff": report.parity.max_abs_diff, "images": report.parity.images, "on": report.parity.on}
 
 
 st.title("Runs")
@@ -115,7 +137,7 @@ if info.config is not None:
     with st.expander("Full config"):
         st.json(info.config.to_dict(), expanded=2)
 
-open_col, train_col, interpret_col, download_col = st.columns(4)
+open_col, train_col, interpret_col, download_col, onnx_col = st.columns(5)
 if open_col.button("Make it the current run", key="runs_make_current", icon=":material/check_circle:", width="stretch",
                    disabled=is_current, help="It is the current run already." if is_current else None):
     set_run(info.id)
@@ -142,6 +164,30 @@ if bundle.is_file():
     )
 else:
     download_col.button("No model to download", key="runs_download_none", disabled=True, width="stretch")
+if bundle.is_file():
+    parity = onnx_parity(run_dir)
+    if parity is None and onnx_col.button("Download ONNX", key="runs_export_onnx", icon=":material/output:",
+                                          width="stretch", help="Export the model to ONNX (probabilities out), "
+                                          "checked against PyTorch, then download it"):
+        with st.spinner("Exporting to ONNX and checking it against PyTorch..."):
+            try:
+                parity = export_onnx_once(str(run_dir), bundle.stat().st_mtime)
+            except (OSError, ValueError, RuntimeError) as e:
+                onnx_col.error(f"Not exported: {e}")
+    if parity is not None:
+        onnx_file = RunDir(run_dir).onnx
+        onnx_col.download_button(
+            f"Download ONNX ({onnx_file.stat().st_size / 2**20:.0f} MB)", data=partial(read_bundle, onnx_file),
+            file_name=f"{info.id}.onnx", mime="application/octet-stream", key="runs_download_onnx",
+            icon=":material/download:", on_click="ignore", width="stretch",
+        )
+        onnx_col.download_button(
+            "Its preprocessing (JSON)", data=partial(read_bundle, RunDir(run_dir).onnx_meta),
+            file_name=f"{info.id}.onnx.json", mime="application/json", key="runs_download_onnx_meta",
+            on_click="ignore", width="stretch",
+        )
+        onnx_col.caption(f"ONNX Runtime and PyTorch agree within {parity['max_abs_diff']:.1e} "
+                         f"(max probability difference on {parity['images']} {parity['on']}).")
 
 held = checkpoint_bytes(run_dir)
 if held and not info.active:

@@ -73,3 +73,26 @@ def test_cli_exports_and_refuses_an_existing_out_or_a_run_without_a_model(run: P
     empty.mkdir()
     missing = core_cli("export", empty, "--out", tmp_path / "x.onnx", home=tmp_path)
     assert missing.returncode == 2 and "no model" in missing.stderr
+
+
+def test_the_runs_page_exports_on_click_and_then_offers_the_onnx_download(run: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch):
+    from conftest import open_app_page
+
+    monkeypatch.setenv("LOUPE_HOME", str(tmp_path))
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / run.name).symlink_to(run, target_is_directory=True)
+    RunDir(run).onnx.unlink(missing_ok=True)
+    RunDir(run).onnx_meta.unlink(missing_ok=True)
+    at = open_app_page("app_pages/runs.py")
+    at.session_state["runs_table"] = {"selection": {"rows": [0], "columns": [], "cells": []}}
+    at.run()
+    assert not at.exception, at.exception
+    assert not any(b.key == "runs_download_onnx" for b in at.get("download_button"))
+    at.button(key="runs_export_onnx").click().run()
+    assert not at.exception, at.exception
+    assert RunDir(run).onnx.is_file() and RunDir(run).onnx_meta.is_file()
+    assert at.download_button(key="runs_download_onnx").label.startswith("Download ONNX (")
+    assert any("ONNX Runtime and PyTorch agree within" in c.value for c in at.caption)
+    at.run()  # a rerun finds the export on disk: the download stays, nothing is exported again
+    assert at.download_button(key="runs_download_onnx") and not any(b.key == "runs_export_onnx" for b in at.button)
