@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -189,6 +190,9 @@ def export_onnx(run_or_bundle: Path, out: Path, opset: int | None = None, *, for
 
     def write(tmp: Path) -> None:
         program.save(str(tmp), external_data=False)  # one self-contained file
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # a file for other programs: readable as any new file, not the temp file's 0600
         parity = check_parity(tmp, bundle, batches, on)
         if not parity.max_abs_diff < PARITY_TOLERANCE:
             raise ParityError(f"ONNX Runtime and PyTorch differ by {parity.max_abs_diff:.2e} (allowed "
