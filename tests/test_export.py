@@ -96,3 +96,23 @@ def test_the_runs_page_exports_on_click_and_then_offers_the_onnx_download(run: P
     assert any("ONNX Runtime and PyTorch agree within" in c.value for c in at.caption)
     at.run()  # a rerun finds the export on disk: the download stays, nothing is exported again
     assert at.download_button(key="runs_download_onnx") and not any(b.key == "runs_export_onnx" for b in at.button)
+
+
+def test_a_multi_label_bundle_file_exports_sigmoid_probabilities(tmp_path: Path):
+    """A bundle file alone (no run beside it): parity on seeded random images; sigmoid, not softmax, out."""
+    import onnxruntime as ort
+    import torch
+
+    from core.bundle import BundleMeta, save_bundle
+    from core.model import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="resnet18", pretrained=False), 3).eval()
+    file = save_bundle(tmp_path / "m.safetensors", model, BundleMeta(arch="resnet18", vocab=["a", "b", "c"], size=32,
+                                                                    task="multi_label"))
+    report = export_onnx(file, tmp_path / "ml.onnx")
+    assert report.parity.on == "random images" and report.parity.max_abs_diff < PARITY_TOLERANCE
+    assert json.loads(report.meta.read_text())["output"]["values"] == "sigmoid probabilities"
+    session = ort.InferenceSession(str(report.onnx), providers=["CPUExecutionProvider"])
+    probs = session.run(None, {"input": np.zeros((3, 3, 32, 32), np.float32)})[0]
+    assert probs.shape == (3, 3) and not np.allclose(probs.sum(axis=1), 1.0)  # a dynamic batch of 3
