@@ -1,4 +1,4 @@
-"""The command line: python -m core train|lr-find|check-labels|health|interpret|predict|demo ...
+"""The command line: python -m core train|lr-find|check-labels|health|interpret|predict|explain|export|demo ...
 
 Exit codes: 0 done (or stopped on request), 1 the run failed, 2 bad arguments or input.
 """
@@ -266,6 +266,40 @@ def cmd_predict(a: argparse.Namespace) -> int:
     return status
 
 
+def cmd_explain(a: argparse.Namespace) -> int:
+    from core.bundle import load_bundle
+    from core.explain import gradcam, overlay
+    from core.fileio import create_file
+    from core.images import open_image
+
+    if a.out.exists():  # checked before the model loads: refusing takes no seconds
+        raise FileExistsError(f"{a.out} already exists; choose another --out.")
+    bundle = load_bundle(a.model)
+    vocab = bundle.meta.vocab
+    if a.class_name is not None and a.class_name not in vocab:
+        raise DataError(f"Unknown class {a.class_name!r}; the model's classes are {', '.join(vocab)}.")
+    try:
+        image = open_image(a.image)
+    except OSError as e:
+        raise DataError(f"Cannot read {a.image}: {e}") from None
+    index = None if a.class_name is None else vocab.index(a.class_name)
+    picture = overlay(image, gradcam(bundle, image, index))
+    create_file(a.out, lambda tmp: picture.save(tmp, format="PNG"))
+    print(a.out)
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from core.export import export_onnx
+
+    r = export_onnx(a.model, a.out, a.opset, force=a.force)
+    print(f"ONNX file: {r.onnx} (opset {r.opset}, input {list(r.input_shape)} float32, output probabilities)")
+    print(f"preprocessing: {r.meta}")
+    print(f"parity: max probability difference {r.parity.max_abs_diff:.2e} on {r.parity.images} "
+          f"{r.parity.on} (ONNX Runtime vs PyTorch); {r.seconds:.1f} s")
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from core.demo import DemoSpec, make_demo_dataset
 
@@ -339,6 +373,21 @@ def parser() -> argparse.ArgumentParser:
     pred.add_argument("--tta", action="store_true", help="test-time augmentation: the plain prediction blended "
                       "with 4 augmented ones, as fastai's tta (5 passes per image)")
     pred.set_defaults(func=cmd_predict)
+
+    expl = sub.add_parser("explain", help="a Grad-CAM heatmap of one image over it, written as a PNG")
+    expl.add_argument("model", type=Path, help="a run directory or a model.safetensors bundle")
+    expl.add_argument("image", type=Path)
+    expl.add_argument("--out", type=Path, required=True, help="PNG to write (never overwritten)")
+    expl.add_argument("--class", dest="class_name", help="the class to explain (default: the predicted one)")
+    expl.set_defaults(func=cmd_explain)
+
+    exp = sub.add_parser("export", help="the model as an ONNX file (probabilities out) checked against PyTorch")
+    exp.add_argument("model", type=Path, help="a run directory or a model.safetensors bundle")
+    exp.add_argument("--format", default="onnx", choices=("onnx",))
+    exp.add_argument("--out", type=Path, required=True, help="the .onnx file; its preprocessing goes to <out>.json")
+    exp.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    exp.add_argument("--force", action="store_true", help="replace an existing --out")
+    exp.set_defaults(func=cmd_export)
 
     demo = sub.add_parser("demo", help="write the demo dataset (drawn shapes, a few mislabelled)")
     demo.add_argument("folder", type=Path)
