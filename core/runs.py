@@ -289,7 +289,11 @@ BACKGROUND_NICENESS = 10  # the nice value of a run started from the app (0 is n
 def launch_background(command: list[str], log: Path) -> tuple[int, int | None]:
     """Start `command` from the repo root in its own session (a Streamlit rerun, a reload or Ctrl-C of the app
     never kills it) at background priority, stdout and stderr to `log`; returns (pid, its start time) for
-    `process_alive`. For jobs that are not runs (core.healthjob); runs go through `start`."""
+    `process_alive`. Runs (`start`) and other jobs (core.healthjob) alike.
+
+    Background priority: the app (and the browser on the same machine) then stays quick while it trains, and
+    training loses almost nothing, since it only yields when someone is using the app. The worker processes and
+    threads the child starts later inherit it."""
     with open(log, "ab") as out:
         proc = subprocess.Popen(command, cwd=REPO_ROOT, env=_child_env(), stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -345,20 +349,12 @@ def start(
         with open(run_dir / LOG_FILE, "ab") as log:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
             log.write(f"--- {stamp} launching: {shlex.join(command)}\n".encode())
-            log.flush()
-            proc = subprocess.Popen(command, cwd=REPO_ROOT, env=_child_env(), stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        pid, pid_started = launch_background(command, run_dir / LOG_FILE)
     except OSError as exc:
         mark_finished(run_dir, FAILED, error=f"Could not launch the training process: {exc}")
         raise
-    _children[proc.pid] = proc
-    # Lower the run's CPU priority: the app (and the browser on the same machine) then stays quick while it trains,
-    # and training loses almost nothing, since it only yields when someone is using the app. The worker processes
-    # and threads the run starts later inherit it.
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, proc.pid, BACKGROUND_NICENESS)
-    write_status(run_dir, pid=proc.pid, pid_started=_process_start(proc.pid))
-    return proc.pid
+    write_status(run_dir, pid=pid, pid_started=pid_started)
+    return pid
 
 
 def request_stop(run_dir: PathArg) -> None:
